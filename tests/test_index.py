@@ -1,0 +1,110 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from rag.config import Config
+from rag.index import FORMAT_VERSION, IndexError_, build, build_lock, load
+from rag.retrieval import Retriever, rrf
+
+from .conftest import SEED_ID
+
+
+@pytest.fixture
+def built(tmp_path, seed_corpus, fake_embedder):
+    config = Config(corpus_dir=seed_corpus, index_dir=tmp_path / "index")
+    report = build(config, fake_embedder)
+    return config, report
+
+
+def test_index_folder_is_readable_and_versioned(built):
+    config, report = built
+    folder = config.index_dir / "current"
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["model"] == {"name": "fake-bigrams", "dim": 64, "fingerprint": "fake-bigrams-v1"}
+    assert manifest["counts"]["documents"] == 1 and manifest["counts"]["chunks"] > 10
+    assert manifest["documents"][0]["doc_id"] == SEED_ID and len(manifest["documents"][0]["content_hash"]) == 64
+    assert {"faiss-cpu", "jieba", "numpy"} <= set(manifest["libraries"])
+    assert manifest["chunker_version"] and manifest["built_at"] and manifest["config"]["chunk_size"]
+    chunks_text = (folder / "chunks.jsonl").read_text(encoding="utf-8")
+    assert "王继元" in chunks_text  # readable Chinese, not \\u escapes
+    lexicon = (folder / "lexicon.txt").read_text(encoding="utf-8").split()
+    assert {"王继元", "慎行楼乐之厅", "识变与求变"} <= set(lexicon)
+
+
+def test_round_trip_gives_same_hits(built, fake_embedder):
+    config, report = built
+    a = load(config.index_dir)
+    b = load(report.path)
+    for q in ["王继元讲了什么", "报告会在哪里举行", "照片是谁拍的"]:
+        ha = Retriever(a, fake_embedder, config).search(q)
+        hb = Retriever(b, fake_embedder, config).search(q)
+        assert [h.chunk.chunk_id for h in ha] == [h.chunk.chunk_id for h in hb]
+        assert len(ha) >= 5
+
+
+def test_faiss_search_equals_numpy_brute_force(built, fake_embedder):
+    config, _ = built
+    index = load(config.index_dir)
+    vectors = np.load(index.path / "embeddings.npy")
+    queries = fake_embedder.encode_queries(["后勤工作理念", "综合考核", "图书馆转型", "学工品牌"])
+    scores, ids = index.search_dense(queries, 10)
+    brute = queries @ vectors.T
+    for row in range(len(queries)):
+        np.testing.assert_allclose(scores[row], np.sort(brute[row])[::-1][:10], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(brute[row][ids[row]], scores[row], rtol=1e-5, atol=1e-6)
+
+
+def test_rebuild_reuses_vectors_of_unchanged_chunks(built, fake_embedder):
+    config, first = built
+    assert first.embedded == first.manifest["counts"]["chunks"] and first.reused == 0
+    second = build(config, fake_embedder)
+    assert second.embedded == 0 and second.reused == first.embedded
+    assert second.path != first.path and load(config.index_dir).version == second.manifest["version"]
+
+
+def test_loading_with_another_model_or_format_says_what_to_do(built):
+    config, report = built
+    with pytest.raises(IndexError_, match="rag build"):
+        load(config.index_dir, model_name="some-other-model")
+    manifest = json.loads((report.path / "manifest.json").read_text(encoding="utf-8"))
+    manifest["format_version"] = 999
+    (report.path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(IndexError_, match="rebuild"):
+        load(config.index_dir)
+
+
+def test_missing_index_and_empty_corpus_are_clear_errors(tmp_path, fake_embedder):
+    with pytest.raises(IndexError_, match="rag build"):
+        load(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(IndexError_, match="no articles"):
+        build(Config(corpus_dir=empty, index_dir=tmp_path / "idx"), fake_embedder)
+    assert not (tmp_path / "idx" / "current").exists()
+
+
+def test_a_failed_build_leaves_the_current_index(built, fake_embedder, tmp_path):
+    config, report = built
+    for f in config.corpus_dir.iterdir():
+        f.unlink()
+    with pytest.raises(IndexError_):
+        build(config, fake_embedder)
+    assert load(config.index_dir).version == report.manifest["version"]
+
+
+def test_two_builds_at_once_refuse(built, fake_embedder):
+    config, _ = built
+    with build_lock(config.index_dir):
+        with pytest.raises(IndexError_, match="another build"):
+            build(config, fake_embedder)
+
+
+def test_rrf_fuses_rankings():
+    fused = rrf([[7, 3], [3]], [1.0, 1.0], k=60)
+    assert fused[3] == pytest.approx(1 / 62 + 1 / 61) and fused[7] == pytest.approx(1 / 61)
+    assert max(fused, key=fused.get) == 3
+    weighted = rrf([[7, 3], [3]], [2.0, 0.1], k=60)
+    assert max(weighted, key=weighted.get) == 7

@@ -106,5 +106,5 @@ def test_rrf_fuses_rankings():
     fused = rrf([[7, 3], [3]], [1.0, 1.0], k=60)
     assert fused[3] == pytest.approx(1 / 62 + 1 / 61) and fused[7] == pytest.approx(1 / 61)
     assert max(fused, key=fused.get) == 3
-    weighted = rrf([[7, 3], [3]], [2.0, 0.1], k=60)
+    weighted = rrf([[7, 3], [3]], [2.0, 0.01], k=60)
     assert max(weighted, key=weighted.get) == 7

@@ -1,0 +1,652 @@
+"""Corpus files (.txt, .md, .jsonl) to Article records whose spans point into the decoded text."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+
+from rag.config import Config
+
+_SUFFIXES = (".txt", ".md", ".jsonl")
+
+
+class CorpusError(Exception):
+    """A corpus folder or file that cannot be used; the message is one line meant for a person."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """A piece of Article.text: text[start:end]."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start <= self.end:
+            raise ValueError(f"bad span [{self.start}, {self.end})")
+
+
+@dataclass(frozen=True)
+class Article:
+    doc_id: str  # path relative to the corpus dir without suffix ("sub/x"); JSONL records: "<stem>#<id>"
+    path: str  # path relative to the corpus dir, posix
+    title: str
+    date: str | None  # "2023-07-04 19:40", or "2023-07-04" when the source gives no time
+    read_count: int | None
+    credits: tuple[tuple[str, str], ...]  # (role, name) in source order
+    text: str  # decoded, BOM removed, CRLF/CR -> LF, nothing else changed
+    paragraphs: tuple[Span, ...]  # body paragraphs, trimmed; no title/meta/image/credits lines
+    title_span: Span | None  # None when the title is not in text (JSONL)
+    meta_span: Span | None  # the date/read-count line
+    credits_span: Span | None
+    encoding: str
+    content_hash: str  # sha256 hex of text
+
+    def to_json(self) -> dict:
+        def span(s: Span | None) -> list[int] | None:
+            return None if s is None else [s.start, s.end]
+
+        return {
+            "doc_id": self.doc_id,
+            "path": self.path,
+            "title": self.title,
+            "date": self.date,
+            "read_count": self.read_count,
+            "credits": [{"role": role, "name": name} for role, name in self.credits],
+            "encoding": self.encoding,
+            "content_hash": self.content_hash,
+            "title_span": span(self.title_span),
+            "meta_span": span(self.meta_span),
+            "credits_span": span(self.credits_span),
+            "paragraphs": [[p.start, p.end] for p in self.paragraphs],
+            "text": self.text,
+        }
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str  # relative to the corpus dir, posix
+    reason: str
+
+
+# ---------------------------------------------------------------- decoding
+
+# UTF-32 before UTF-16: the UTF-32-LE BOM starts with the UTF-16-LE one.
+_BOMS = (
+    (b"\xef\xbb\xbf", "utf-8-sig"),
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+# Big5 bytes are nearly always valid GBK and short GB text is often valid Big5 (or even UTF-8), so
+# strict decoding alone cannot choose; a decoding is judged by how much of it is everyday Chinese.
+# These are the 600 most frequent hanzi (character counts over jieba's dictionary) plus their
+# traditional forms; the wider "common" set is built from the codecs themselves below.
+_FREQUENT = (
+    "一是人了不在有大中国和为这上他个地年来我会以到时要出的生学说道民家子也成行下们于后就发自之对得主长可过天作分方用多你着部"
+    "能市等业全里工公经本都而高政法面门动日进区事代那去心小同北定开产前其军还然起种所如现理机体表力好外与文当两实重新三么只山"
+    "水关明从化平建又制南内西没此将员名手最东头者月间无安看见各城十相但已些正口通想度加第她合院物性战由位常点海意场武使次二向"
+    "治因立数样身情入原问把路被并利石老教万知级量任江及应省资委务元美特期世湖回系比气汉总展电科金先声提品设或义王社很统处四首"
+    "共马形己儿司太目基领队直计别女权话少流命至报米给打变果书清活几州华解议更称程今决张导术府才保交放管结师便走达族反再题色五"
+    "京河接条规式县白它改风光运信受什组听布百济党指论强做取技黄神选记斯真却职号界件花类何眼兵传带空干农边据集联古广完质阳难增"
+    "历史专官每住商即步认车台林必死游举线言皇土团收考求德叫近备研争非具李众连调感转笑革该持始英克士尔让拉思根格造较际亲单朝红"
+    "型价校约器字段周亚深候则功属积快图火千准究往极育装许参半令吃观鱼精办像帝八复影告远群包整构料随划算象容示投势热值夫网望源"
+    "息语股铁断派速怎需片爱律纪支早况病境证编越局推满且列觉服双未居除乐企引标确织初青志率项飞球节察龙响药站施均消客失轻存低甚"
+    "般击曾防请离落显罗营足素视护副食创余照兴占巴虽洲村费易试星木黑左宝置跟央识维采六底宫房音环案批切斗富乡另倒若按查故突责严"
+    "國為這個來會時學說們於後發對長過著業裡經門動進區開產軍還種現機體與當兩實麼關從內沒將員東頭間無見戰點場數樣問並萬級應資務"
+    "氣漢總電聲設義統處馬兒領隊計別權話報給變書幾華議稱決張導術結師達題條規縣風運組聽濟黨論強黃選記卻職號類傳帶幹農邊據聯廣質"
+    "陽難歷專認車臺遊舉線團備爭眾連調轉該爾讓較際親單紅價約亞則屬積圖準極裝許參觀魚辦復遠構隨勢熱網語鐵斷愛紀況證編滿覺雙樂標"
+    "確織項飛節龍響藥輕擊請離顯羅營視護創餘興佔雖費試寶識維採宮環鬥鄉責嚴"
+)
+_PUNCT = "、。〈〉《》「」『』【】〔〕〖〗…—–‘’“”·！（），．：；？［］｛｝～％＋－／　"
+
+
+@lru_cache(maxsize=1)
+def _common_chars() -> frozenset[str]:
+    # GB2312 level 1 (3755 most used simplified hanzi) and Big5 level 1 (5401 common traditional ones).
+    chars: set[str] = set(_PUNCT)
+    for hi in range(0xB0, 0xD8):
+        for lo in range(0xA1, 0xFF):
+            chars.update(bytes([hi, lo]).decode("gb2312", errors="ignore"))
+    for hi in range(0xA4, 0xC7):
+        for lo in [*range(0x40, 0x7F), *range(0xA1, 0xFF)]:
+            if (hi, lo) > (0xC6, 0x7E):
+                break
+            chars.update(bytes([hi, lo]).decode("big5", errors="ignore"))
+    return frozenset(chars)
+
+
+def _plausibility(text: str) -> tuple[float, float]:
+    """(coverage, weight) of the non-ASCII characters: share that is common hanzi or CJK punctuation,
+    and the same with the most frequent hanzi counted double (halved back into 0..1).
+
+    >>> _plausibility("学校举行报告会。")
+    (1.0, 0.9375)
+    >>> _plausibility("ѧУ")  # "学校" in GB18030 read as UTF-8
+    (0.0, 0.0)
+    """
+    chars = [c for c in text if ord(c) >= 0x80 and not c.isspace()]
+    if not chars:
+        return 0.0, 0.0
+    common = _common_chars()
+    known = [c for c in chars if c in common]
+    frequent = sum(1 for c in known if c in _FREQUENT)
+    return len(known) / len(chars), (len(known) + frequent) / (2 * len(chars))
+
+
+def _legacy_candidate(data: bytes) -> tuple[str, str, float] | None:
+    # Ties go to GB18030: mainland news is far more often GB than Big5.
+    best: tuple[str, str, float] | None = None
+    best_weight = -1.0
+    for encoding in ("gb18030", "big5", "cp950"):
+        if encoding == "cp950" and best is not None and best[1] == "big5":
+            continue  # cp950 only extends Big5; try it only when plain Big5 failed
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        coverage, weight = _plausibility(text)
+        if weight > best_weight:
+            best, best_weight = (text, encoding, coverage), weight
+    return best
+
+
+def _looks_legacy(utf8_text: str) -> bool:
+    # Short GB text can be valid UTF-8 ("学校" = D1A7 D0A3 reads as "ѧУ"); real UTF-8 Chinese always has
+    # characters from U+0800 up, and European text pairs ASCII letters with accented Latin ones.
+    non_ascii = [c for c in utf8_text if ord(c) >= 0x80]
+    if not non_ascii or any(ord(c) >= 0x800 for c in non_ascii):
+        return False
+    european = any(c.isascii() and c.isalpha() for c in utf8_text) and any(
+        0xC0 <= ord(c) <= 0x24F for c in non_ascii
+    )
+    return not european
+
+
+def _normalize(text: str) -> str:
+    """Drop a leading BOM and turn CRLF and CR into LF.
+
+    >>> _normalize("\\ufeff标题\\r\\n正文\\r结尾")
+    '标题\\n正文\\n结尾'
+    """
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def decode_bytes(data: bytes) -> tuple[str, str]:
+    """Decode a file's bytes to (text, encoding): BOM first, then strict UTF-8, then the more plausible
+    of GB18030 and Big5. The BOM is removed and CRLF/CR become LF. Raises CorpusError when empty,
+    binary or undecodable.
+
+    >>> decode_bytes("学校\\r\\n".encode("gb18030"))
+    ('学校\\n', 'gb18030')
+    >>> decode_bytes("學校舉行報告會".encode("big5"))
+    ('學校舉行報告會', 'big5')
+    """
+    if not data:
+        raise CorpusError("empty file")
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                text = data.decode(encoding)
+            except UnicodeDecodeError:
+                raise CorpusError(f"undecodable: invalid {encoding.upper()} after its byte order mark") from None
+            return _checked(text, encoding)
+    if b"\x00" in data:
+        raise CorpusError("binary file (contains NUL bytes)")
+    try:
+        utf8: str | None = data.decode("utf-8")
+    except UnicodeDecodeError:
+        utf8 = None
+    if utf8 is not None and not _looks_legacy(utf8):
+        return _checked(utf8, "utf-8")
+    legacy = _legacy_candidate(data)
+    if utf8 is not None:
+        if legacy is not None and legacy[2] >= 0.9:
+            return _checked(legacy[0], legacy[1])
+        return _checked(utf8, "utf-8")
+    if legacy is None:
+        raise CorpusError("undecodable: not UTF-8, GB18030 or Big5 text")
+    if legacy[2] < 0.6:
+        raise CorpusError("undecodable: does not look like UTF-8, GB18030 or Big5 Chinese text")
+    return _checked(legacy[0], legacy[1])
+
+
+def _checked(text: str, encoding: str) -> tuple[str, str]:
+    text = _normalize(text)
+    if not text.strip():
+        raise CorpusError("empty file")
+    return text, encoding
+
+
+def read_text(path: Path) -> tuple[str, str]:
+    """(text, encoding) of one file; CorpusError naming the file when it is unreadable, empty, binary
+    or undecodable."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return decode_bytes(data)
+    except CorpusError as e:
+        raise CorpusError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------- layout
+
+_IMAGE_LINE = re.compile(r"\S+\.(?:jpg|jpeg|png|gif|webp|bmp)", re.IGNORECASE)
+_MD_IMAGE_LINE = re.compile(r"!\[[^\]]*\]\([^)]*\)")
+_MD_HEADING = re.compile(r"(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*")
+_CN_DATE = re.compile(
+    r"(\d{4})\s*年\s*(\d{1,2})\s*月\s*(\d{1,2})\s*日(?:\s*(\d{1,2})\s*[时時点點:：]\s*(\d{1,2})\s*分?)?"
+)
+_ISO_DATE = re.compile(r"(?<!\d)(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})(?!\d)(?:(?:\s+|T)(\d{1,2}):(\d{2})(?::\d{2})?)?")
+_READS = re.compile(r"(?:阅读|閱讀|浏览|瀏覽|点击|點擊)(?:次数|次數|量|数|數)?\s*[:：]?\s*(\d[\d,]*)")
+_META_LABEL = re.compile(
+    r"(?:(?:发布|發布|發佈|发表|發表|更新)(?:时间|時間|日期)|来源|來源|作者|日期|时间|時間)\s*[:：]"
+)
+_SENTENCE_END = re.compile(r"[。！？!?]")
+
+_ROLES = {
+    "摄影": "photographer", "攝影": "photographer", "图片": "photographer", "圖片": "photographer",
+    "图": "photographer", "圖": "photographer",
+    "供稿": "contributor",
+    "审核": "reviewer", "審核": "reviewer", "审稿": "reviewer", "審稿": "reviewer",
+    "编辑": "editor", "編輯": "editor", "责任编辑": "editor", "責任編輯": "editor",
+    "责编": "editor", "責編": "editor",
+    "文字": "writer", "撰稿": "writer", "撰文": "writer", "作者": "writer", "文": "writer",
+    "通讯员": "correspondent", "通訊員": "correspondent",
+    "记者": "reporter", "記者": "reporter",
+}  # fmt: skip
+
+
+def _lines(text: str, start: int = 0, end: int | None = None) -> list[Span]:
+    """Spans of the non-blank lines of text[start:end], trimmed of surrounding whitespace.
+
+    >>> _lines("标题\\n\\n  正文 \\n")
+    [Span(start=0, end=2), Span(start=6, end=8)]
+    """
+    end = len(text) if end is None else end
+    spans = []
+    pos = start
+    while pos <= end:
+        stop = text.find("\n", pos, end)
+        stop = end if stop < 0 else stop
+        line = text[pos:stop]
+        stripped = line.strip()
+        if stripped:
+            left = pos + len(line) - len(line.lstrip())
+            spans.append(Span(left, left + len(stripped)))
+        pos = stop + 1
+    return spans
+
+
+def _parse_date(value: str) -> str | None:
+    """First date in value as "YYYY-MM-DD HH:MM", or "YYYY-MM-DD" when it has no time.
+
+    >>> _parse_date("2023年07月04日19时40分\\xa0阅读:2214")
+    '2023-07-04 19:40'
+    >>> _parse_date("发布时间：2023/7/4")
+    '2023-07-04'
+    """
+    for pattern in (_CN_DATE, _ISO_DATE):
+        for m in pattern.finditer(value):
+            y, mo, d, h, mi = m.groups()
+            try:
+                day = datetime(int(y), int(mo), int(d))
+            except ValueError:
+                continue
+            if h is not None and int(h) < 24 and int(mi) < 60:
+                return f"{day:%Y-%m-%d} {int(h):02d}:{int(mi):02d}"
+            return f"{day:%Y-%m-%d}"
+    return None
+
+
+def _read_count(value: str) -> int | None:
+    m = _READS.search(value)
+    return int(m.group(1).replace(",", "")) if m else None
+
+
+def _is_meta_line(line: str) -> bool:
+    # A dateline is short and not a sentence; a body paragraph opening with a date ends in "。".
+    if len(line) > 120 or _SENTENCE_END.search(line):
+        return False
+    return bool(_CN_DATE.search(line) or _ISO_DATE.search(line) or _READS.search(line) or _META_LABEL.search(line))
+
+
+def _parse_credits(line: str) -> tuple[tuple[str, str], ...] | None:
+    """(role, name) pairs of a credits line, or None when the line is not one.
+
+    Items are "name/role", "role/name", "role：name" or "role name"; names may be joined with 、.
+
+    >>> _parse_credits("(王保红/摄影 孙珊/供稿)")
+    (('photographer', '王保红'), ('contributor', '孙珊'))
+    >>> _parse_credits("（文字：张三、李四 责任编辑：南木）")
+    (('writer', '张三'), ('writer', '李四'), ('editor', '南木'))
+    >>> _parse_credits("他强调,要坚持问题导向/目标导向。") is None
+    True
+    """
+    line = line.strip()
+    if len(line) >= 2 and line[0] in "(（" and line[-1] in ")）":
+        line = line[1:-1].strip()
+    elif len(line) > 80 or not re.search(r"[:：/／]", line):
+        return None  # unwrapped, a credits line must at least look like "责任编辑：南木"
+    items: list[tuple[str, str]] = []
+    pending: list[str] = []  # names waiting for the role that follows them ("张三 李四/摄影")
+    current: str | None = None  # role that later bare names inherit ("摄影：张三 李四")
+    for token in re.split(r"[\s;；|]+", line):
+        if not token:
+            continue
+        labelled = re.fullmatch(r"([^:：]+)[:：](.*)", token)
+        slashed = re.fullmatch(r"([^/／]+)[/／]([^/／]+)", token)
+        if labelled:
+            role, names = labelled.group(1), _names(labelled.group(2))
+            if role not in _ROLES or pending or names is None:
+                return None
+            items += [(_ROLES[role], n) for n in names]
+            current = role
+        elif slashed:
+            left, right = slashed.groups()
+            if right in _ROLES and (names := _names(left)):
+                items += [(_ROLES[right], n) for n in pending + names]
+                pending, current = [], None
+            elif left in _ROLES and (names := _names(right)) and not pending:
+                items += [(_ROLES[left], n) for n in names]
+                current = left
+            else:
+                return None
+        elif token in _ROLES and len(token) > 1:  # "记者 张三"; a lone 文 or 图 is too often a word
+            if pending:
+                return None
+            current = token
+        else:
+            names = _names(token)
+            if not names:
+                return None
+            if current is None:
+                pending += names
+            else:
+                items += [(_ROLES[current], n) for n in names]
+    if pending or not items:
+        return None
+    return tuple(items)
+
+
+def _names(value: str) -> list[str] | None:
+    names = [n.strip() for n in re.split(r"[、,，]", value) if n.strip()]
+    if any(len(n) > 20 or n in _ROLES or re.search(r"[()（）/／:：。]", n) for n in names):
+        return None
+    return names
+
+
+@dataclass(frozen=True)
+class _Layout:
+    title: str
+    title_span: Span | None
+    date: str | None
+    read_count: int | None
+    meta_span: Span | None
+    credits: tuple[tuple[str, str], ...]
+    credits_span: Span | None
+    paragraphs: tuple[Span, ...]
+
+
+def _layout(
+    text: str, lines: list[Span], *, title_span: Span | None = None, titled: bool = False, find_meta: bool = True
+) -> _Layout:
+    # `titled`: the caller already has the title (front matter, JSONL field), so no line is taken for it.
+    body = [s for s in lines if not _IMAGE_LINE.fullmatch(text[s.start : s.end])]
+    title = text[title_span.start : title_span.end] if title_span else ""
+    if not titled:
+        if not body:
+            raise CorpusError("no text besides image file names")
+        title_span, body = body[0], body[1:]
+        title = text[title_span.start : title_span.end]
+    date = read_count = meta_span = None
+    run = 0
+    while find_meta and run < len(body) and _is_meta_line(text[body[run].start : body[run].end]):
+        run += 1
+    if run:
+        meta_span = Span(body[0].start, body[run - 1].end)
+        meta_text = text[meta_span.start : meta_span.end]
+        date, read_count, body = _parse_date(meta_text), _read_count(meta_text), body[run:]
+    credits: tuple[tuple[str, str], ...] = ()
+    credits_span = None
+    if body and (parsed := _parse_credits(text[body[-1].start : body[-1].end])):
+        credits, credits_span, body = parsed, body[-1], body[:-1]
+    return _Layout(title, title_span, date, read_count, meta_span, credits, credits_span, tuple(body))
+
+
+# ---------------------------------------------------------------- articles
+
+
+def _article(path: str, doc_id: str, text: str, encoding: str, layout: _Layout) -> Article:
+    return Article(
+        doc_id=doc_id,
+        path=path,
+        title=layout.title,
+        date=layout.date,
+        read_count=layout.read_count,
+        credits=layout.credits,
+        text=text,
+        paragraphs=layout.paragraphs,
+        title_span=layout.title_span,
+        meta_span=layout.meta_span,
+        credits_span=layout.credits_span,
+        encoding=encoding,
+        content_hash=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    )
+
+
+def parse_article(text: str, path: str, doc_id: str, encoding: str = "utf-8") -> Article:
+    """One article from decoded text: the saved-news-page format (title, date/read-count line, image
+    file names, paragraphs, credits line), plain text (first line is the title) or, for a .md path,
+    Markdown with optional front matter. Raises CorpusError when there is no text."""
+    text = _normalize(text)
+    if not text.strip():
+        raise CorpusError("no text")
+    if PurePosixPath(path).suffix.lower() == ".md":
+        return _article(path, doc_id, text, encoding, _markdown_layout(text))
+    return _article(path, doc_id, text, encoding, _layout(text, _lines(text)))
+
+
+_FRONT_MATTER = re.compile(r"---[ \t]*\n(.*?)^(?:---|\.\.\.)[ \t]*$\n?", re.DOTALL | re.MULTILINE)
+_FRONT_KEY = re.compile(r"([A-Za-z_][\w-]*)[ \t]*:[ \t]*")
+
+
+def _markdown_layout(text: str) -> _Layout:
+    front: dict[str, object] = {}  # _Layout fields given by the front matter
+    body_start = 0
+    fm = _FRONT_MATTER.match(text)
+    if fm:
+        body_start = fm.end()
+        for line in _lines(text, fm.start(1), fm.end(1)):
+            key = _FRONT_KEY.match(text, line.start, line.end)
+            if not key:
+                continue
+            value = _unquote(text, Span(key.end(), line.end))
+            raw = text[value.start : value.end]
+            name = key.group(1).lower()
+            if name == "title" and raw:
+                front.update(title=raw, title_span=value)
+            elif name == "date" and _parse_date(raw):
+                front.update(date=_parse_date(raw), meta_span=line)
+            elif name in ("read_count", "reads", "views") and raw.isdigit():
+                front.update(read_count=int(raw))
+            elif name in ("author", "authors") and (names := _names(raw.strip("[]"))):
+                front.update(credits=tuple(("writer", n) for n in names), credits_span=value)
+    lines: list[Span] = []
+    headings: dict[Span, int] = {}  # heading text span -> level
+    for s in _lines(text, body_start):
+        line = text[s.start : s.end]
+        if _MD_IMAGE_LINE.fullmatch(line):
+            continue
+        h = _MD_HEADING.fullmatch(line)
+        if h:
+            if not h.group(2):
+                continue  # a bare "#"
+            s = Span(s.start + h.start(2), s.start + h.end(2))
+            headings[s] = len(h.group(1))
+        lines.append(s)
+    title_span = front.get("title_span")
+    if title_span is None:
+        title_span = next((s for s in lines if headings.get(s) == 1), None)
+        if title_span is not None:
+            lines.remove(title_span)
+    elif lines and lines[0] in headings and text[lines[0].start : lines[0].end] == front["title"]:
+        lines = lines[1:]  # the body repeats the front-matter title as its heading
+    if title_span is None and not lines:
+        raise CorpusError("no text")
+    layout = _layout(text, lines, title_span=title_span, titled=title_span is not None, find_meta="date" not in front)
+    if layout.credits_span is not None:  # a credits line in the body says more than an author field
+        front.pop("credits", None), front.pop("credits_span", None)
+    # Soft-wrapped lines (no blank line between) are one paragraph; headings stay on their own.
+    paragraphs: list[Span] = []
+    for s in layout.paragraphs:
+        prev = paragraphs[-1] if paragraphs else None
+        if prev and prev not in headings and s not in headings and text.count("\n", prev.end, s.start) == 1:
+            paragraphs[-1] = Span(prev.start, s.end)
+        else:
+            paragraphs.append(s)
+    return dataclasses.replace(layout, paragraphs=tuple(paragraphs), **front)
+
+
+def _unquote(text: str, span: Span) -> Span:
+    """The span of a front-matter value without surrounding quotes.
+
+    >>> _unquote('title: "学校新闻"', Span(7, 13))
+    Span(start=8, end=12)
+    """
+    value = text[span.start : span.end].strip()
+    start = span.start + text[span.start : span.end].find(value) if value else span.start
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return Span(start + 1, start + len(value) - 1)
+    return Span(start, start + len(value))
+
+
+def _jsonl_articles(text: str, path: str, encoding: str) -> tuple[list[Article], list[Skipped]]:
+    stem = PurePosixPath(path).with_suffix("").as_posix()
+    articles: list[Article] = []
+    skipped: list[Skipped] = []
+    ids: set[str] = set()
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            article = _record_article(json.loads(line), stem, path, encoding)
+        except json.JSONDecodeError as e:
+            skipped.append(Skipped(path, f"line {lineno}: invalid JSON ({e.msg} at column {e.colno})"))
+            continue
+        except CorpusError as e:
+            skipped.append(Skipped(path, f"line {lineno}: {e}"))
+            continue
+        if article.doc_id in ids:
+            skipped.append(Skipped(path, f"line {lineno}: id {article.doc_id[len(stem) + 1 :]} repeats an earlier line"))
+            continue
+        ids.add(article.doc_id)
+        articles.append(article)
+    return articles, skipped
+
+
+def _record_article(record: object, stem: str, path: str, encoding: str) -> Article:
+    if not isinstance(record, dict):
+        raise CorpusError("not a JSON object")
+    rid = record.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or not str(rid).strip():
+        raise CorpusError("'id' must be a non-empty string or integer")
+    body = record.get("text")
+    if not isinstance(body, str) or not body.strip():
+        raise CorpusError("'text' must be a non-empty string")
+    for key in ("title", "date", "url"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise CorpusError(f"'{key}' must be a string")
+    body = _normalize(body)
+    title = (record.get("title") or "").strip()
+    # The record's own fields are the metadata; its text is body only (images and credits still dropped).
+    layout = _layout(body, _lines(body), titled=bool(title), find_meta=False)
+    reads = record.get("read_count")
+    layout = dataclasses.replace(
+        layout,
+        title=title or layout.title,
+        date=_parse_date(record.get("date") or ""),
+        read_count=reads if isinstance(reads, int) and not isinstance(reads, bool) and reads >= 0 else None,
+    )
+    return _article(path, f"{stem}#{str(rid).strip()}", body, encoding, layout)
+
+
+# ---------------------------------------------------------------- folder
+
+
+def _corpus_files(root: Path, skipped: list[Skipped]) -> list[Path]:
+    def unreadable(error: OSError) -> None:
+        where = Path(os.path.relpath(error.filename, root)).as_posix() if error.filename else "."
+        skipped.append(Skipped(where, f"cannot read folder ({error.strerror or error})"))
+
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in _SUFFIXES:
+                files.append(Path(dirpath, name))
+    return sorted(files, key=lambda p: p.relative_to(root).parts)
+
+
+def load_corpus(corpus_dir: Path, config: Config) -> tuple[list[Article], list[Skipped]]:
+    """Every article under corpus_dir (recursive, sorted by path) and what was skipped, with why.
+
+    One bad file (or JSONL line) is skipped, never raised; a missing folder raises CorpusError.
+    Articles with the same text are kept once, the first in path order."""
+    root = Path(corpus_dir)
+    if not root.exists():
+        raise CorpusError(
+            f"corpus folder {root} does not exist: create it and put .txt, .md or .jsonl articles in it,"
+            " or point corpus_dir at the folder that has them"
+        )
+    if not root.is_dir():
+        raise CorpusError(f"corpus folder {root} is a file, not a folder: point corpus_dir at a folder")
+    articles: list[Article] = []
+    skipped: list[Skipped] = []
+    by_hash: dict[str, str] = {}
+    by_id: dict[str, str] = {}
+    for file in _corpus_files(root, skipped):
+        rel = file.relative_to(root).as_posix()
+        try:
+            size = file.stat().st_size
+            if size > config.max_file_bytes:
+                skipped.append(Skipped(rel, f"too large: {size} bytes (max_file_bytes is {config.max_file_bytes})"))
+                continue
+            data = file.read_bytes()
+        except OSError as e:
+            skipped.append(Skipped(rel, f"cannot read ({e.strerror or e})"))
+            continue
+        try:
+            text, encoding = decode_bytes(data)
+            if file.suffix.lower() == ".jsonl":
+                found, bad = _jsonl_articles(text, rel, encoding)
+                skipped += bad
+            else:
+                found = [parse_article(text, rel, PurePosixPath(rel).with_suffix("").as_posix(), encoding)]
+        except CorpusError as e:
+            skipped.append(Skipped(rel, str(e)))
+            continue
+        for article in found:
+            # Name a JSONL record in the reason so that its line can be found.
+            record = f" (record {article.doc_id})" if rel.lower().endswith(".jsonl") else ""
+            if article.content_hash in by_hash:
+                skipped.append(Skipped(rel, f"duplicate of {by_hash[article.content_hash]}{record}"))
+            elif article.doc_id in by_id:
+                skipped.append(Skipped(rel, f"doc_id {article.doc_id} is already used by {by_id[article.doc_id]}"))
+            else:
+                by_hash[article.content_hash] = article.doc_id
+                by_id[article.doc_id] = article.path
+                articles.append(article)
+    return articles, skipped

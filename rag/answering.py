@@ -1,11 +1,15 @@
 """Hits -> Answer with citations: the extractive answerer (no LLM) and the question checks."""
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from .chunking import Chunk, normalize, split_sentences
+import numpy as np
+
+from .chunking import Chunk, find_names, normalize, split_sentences
 from .config import Config
 from .lexical import BM25, ChineseTokenizer
 from .retrieval import Filters, Hit, Retriever
@@ -13,22 +17,56 @@ from .retrieval import Filters, Hit, Retriever
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\u200d]")
 _CLAUSE = re.compile(r"[^，,、；;：:。！？!?]+[，,、；;：:。！？!?”’」》）)]*")
-_DIGIT = re.compile(r"[0-9０-９零一二两三四五六七八九十百千万亿]")
 
 # What kind of thing a question asks for, and how to see it in a sentence.
 _ASKS = {
     "who": re.compile(r"谁|哪位|哪几位|哪些领导|哪些人|什么人|哪个人"),
     "when": re.compile(r"哪一天|哪天|什么时候|何时|几月几日|日期|什么时间"),
     "where": re.compile(r"哪里|在哪|什么地方|地点|何地|何处"),
-    "number": re.compile(r"多少|几个|几位|几人|几项|几次"),
+    "number": re.compile(r"(?<!哪)(?:多少|几个|几位|几人|几项|几次)"),
+    "role": re.compile(r"单位|职务|身份|职位|担任|哪个部门|什么职|什么身份"),
 }
-_HAS = {
-    "when": re.compile(r"\d{1,4}\s*[年月日号]|[0-9]{4}-[0-9]{2}"),
-    "where": re.compile(r"[楼厅室馆堂院校场中心会议]"),
-    "number": re.compile(r"\d"),
-}
+_WHERE = re.compile(r"在[^，,。；;]{2,20}?(?:举行|召开|举办|进行)|[楼厅室馆堂场]")
+_ROLE = re.compile(r"大学|学院|学校|公司|部|处|办|中心|委员会|书记|校长|主任|部长|院长|处长|主席|经理|教授")
+_WHEN = re.compile(r"\d{1,4}\s*[年月日号]|\d{4}-\d{1,2}")
+_NUMBER = r"[0-9０-９零一二两三四五六七八九十百千万]+\s*(?:多|余)?"
+_UNIT = re.compile(r"(?<!哪)(?:多少|几)([人名位个次项所篇场])")
+
+
+def _has_kind(kind: str, question: str, span: str) -> bool:
+    """Does `span` contain the kind of thing the question asks for (a name, a date, a place, a number)?"""
+    if kind == "who":
+        return bool(find_names(span))
+    if kind == "when":
+        return bool(_WHEN.search(span))
+    if kind == "where":
+        return bool(_WHERE.search(span))
+    if kind == "role":
+        return bool(_ROLE.search(span))
+    unit = _UNIT.search(question)
+    return bool(re.search(_NUMBER + unit.group(1), span) if unit else re.search(r"\d", span))
+
 
 DECLINE = "文章中没有提到{topic}。"
+
+# Words that frame a question rather than carry its content ("叫什么名字", "哪个单位的", "提到了").
+FRAME_WORDS = frozenset("叫 名字 题目 名称 单位 提到 领导 报道 文章 新闻 内容 具体 方面 报告 作 讲 说 提出 表示 认为 主要 情况".split())
+FRAME_WEIGHT = 0.3
+ANSWER_TYPE_PENALTY = 0.6  # support kept when a span lacks the kind of thing asked for
+
+
+@functools.lru_cache(maxsize=1)
+def general_idf() -> dict[str, float]:
+    """jieba's idf table for general Chinese (shipped in the wheel); "<median>" for unseen words."""
+    import jieba.analyse
+
+    path = Path(jieba.analyse.__file__).parent / "idf.txt"
+    table = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        word, _, value = line.partition(" ")
+        table[word] = float(value)
+    table["<median>"] = float(np.median(list(table.values())))
+    return table
 
 
 @dataclass(frozen=True)
@@ -101,16 +139,23 @@ class ExtractiveAnswerer:
         self.tokenizer, self.bm25, self.config = tokenizer, bm25, config
 
     def _weights(self, question: str) -> dict[str, float]:
-        return {t: self.bm25.idf_of(t) for t in dict.fromkeys(self.tokenizer.tokenize(question))}
+        """Question words weighted by general Chinese idf; question-frame words count less."""
+        idf = general_idf()
+        return {t: idf.get(t, idf["<median>"]) * (FRAME_WEIGHT if t in FRAME_WORDS else 1.0)
+                for t in dict.fromkeys(self.tokenizer.tokenize(question))}
 
-    def _coverage(self, weights: dict[str, float], tokens: set[str], text: str) -> float:
+    @staticmethod
+    def _coverage(weights: dict[str, float], tokens: set[str]) -> float:
+        """Share of question weight found among the span's tokens.
+
+        A question word found as the start of a longer passage word counts ("主持" in "主持会议"); found
+        only inside or at the end of one it does not: "校长" is not "副校长".
+        """
         total = sum(weights.values()) or 1.0
         got = 0.0
         for tok, w in weights.items():
-            if tok in tokens:
+            if tok in tokens or any(p.startswith(tok) for p in tokens):
                 got += w
-            elif len(tok) >= 3 and tok in text:
-                got += 0.5 * w  # a long word inside a differently segmented phrase
         return got / total
 
     def _context(self, chunk: Chunk) -> str:
@@ -120,12 +165,11 @@ class ExtractiveAnswerer:
 
     def _score(self, question: str, weights: dict[str, float], chunk: Chunk, span_text: str) -> float:
         text = normalize(self._context(chunk) + span_text)
-        score = self._coverage(weights, set(self.tokenizer.tokenize(text)), text)
+        score = self._coverage(weights, set(self.tokenizer.tokenize(text)))
         for kind in _asks(question):
-            if kind == "who" and not (chunk.speaker or re.search(r"[\u4e00-\u9fff]{2,3}(?:主持|作|以|表示|指出)", span_text)):
-                score *= 0.7
-            elif kind in _HAS and not _HAS[kind].search(span_text):
-                score *= 0.6
+            # The speaker of a segment answers "who" even when the sentence says 他/她.
+            if not _has_kind(kind, question, span_text) and not (kind == "who" and chunk.speaker):
+                score *= ANSWER_TYPE_PENALTY
         return score
 
     def _shorten(self, weights: dict[str, float], text: str, start: int, end: int, limit: int) -> tuple[int, int]:
@@ -138,7 +182,7 @@ class ExtractiveAnswerer:
                 if b - a > limit:
                     break
                 piece = normalize(text[a:b])
-                s = self._coverage(weights, set(self.tokenizer.tokenize(piece)), piece) - 0.001 * (b - a)
+                s = self._coverage(weights, set(self.tokenizer.tokenize(piece))) - 0.001 * (b - a)
                 if s > best_score:
                     best, best_score = (a, b), s
         return best

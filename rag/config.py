@@ -31,7 +31,7 @@ class Config:
     dense_weight: float = 1.0  # weight of the dense ranking in fusion
     bm25_weight: float = 1.0  # weight of the BM25 ranking in fusion
     speaker_boost: float = 0.5  # fraction of the top fused score added to a named speaker's segments
-    answer_passages: int = 3  # top passages the extractive answerer reads
+    answer_passages: int = 5  # top passages the extractive answerer reads
     min_support: float = 0.5  # below this support the answerer declines (calibrated on seed_qa)
     max_answer_chars: int = 150  # answers longer than this are cut at a clause end
     max_question_chars: int = 500  # longer questions are refused with a message

@@ -133,7 +133,8 @@ def _plausibility(text: str) -> tuple[float, float]:
     >>> _plausibility("ѧУ")  # "学校" in GB18030 read as UTF-8
     (0.0, 0.0)
     """
-    chars = [c for c in text if ord(c) >= 0x80 and not c.isspace()]
+    # A long prefix judges a whole file as well as all of it would, and a 20 MB file stays fast.
+    chars = [c for c in text[:50_000] if ord(c) >= 0x80 and not c.isspace()]
     if not chars:
         return 0.0, 0.0
     common = _common_chars()
@@ -160,26 +161,21 @@ def _legacy_candidate(data: bytes) -> tuple[str, str, float] | None:
 
 
 def _looks_legacy(utf8_text: str) -> bool:
-    # Short GB text can be valid UTF-8 ("学校" = D1A7 D0A3 reads as "ѧУ"); real UTF-8 Chinese always has
-    # characters from U+0800 up, and European text pairs ASCII letters with accented Latin ones.
+    # Short GB text can be valid UTF-8 ("学校" = D1A7 D0A3 reads as "ѧУ"). Real UTF-8 Chinese always has
+    # characters from U+0800 up, and real UTF-8 text below that ("Café", "20°C") comes with ASCII letters.
     non_ascii = [c for c in utf8_text if ord(c) >= 0x80]
     if not non_ascii or any(ord(c) >= 0x800 for c in non_ascii):
         return False
-    european = any(c.isascii() and c.isalpha() for c in utf8_text) and any(
-        0xC0 <= ord(c) <= 0x24F for c in non_ascii
-    )
-    return not european
+    return not any(c.isascii() and c.isalpha() for c in utf8_text)
 
 
 def _normalize(text: str) -> str:
-    """Drop a leading BOM and turn CRLF and CR into LF.
+    """Drop the leading BOM (files saved twice can have two) and turn CRLF and CR into LF.
 
     >>> _normalize("\\ufeff标题\\r\\n正文\\r结尾")
     '标题\\n正文\\n结尾'
     """
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def decode_bytes(data: bytes) -> tuple[str, str]:
@@ -245,7 +241,8 @@ def read_text(path: Path) -> tuple[str, str]:
 
 _IMAGE_LINE = re.compile(r"\S+\.(?:jpg|jpeg|png|gif|webp|bmp)", re.IGNORECASE)
 _MD_IMAGE_LINE = re.compile(r"!\[[^\]]*\]\([^)]*\)")
-_MD_HEADING = re.compile(r"(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*")
+_MD_RULE = re.compile(r"(?:-[ \t]*){3,}|(?:\*[ \t]*){3,}|(?:_[ \t]*){3,}")
+_MD_HEADING = re.compile(r"(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*")
 _CN_DATE = re.compile(
     r"(\d{4})\s*年\s*(\d{1,2})\s*月\s*(\d{1,2})\s*日(?:\s*(\d{1,2})\s*[时時点點:：]\s*(\d{1,2})\s*分?)?"
 )
@@ -412,13 +409,19 @@ def _layout(
         title_span, body = body[0], body[1:]
         title = text[title_span.start : title_span.end]
     date = read_count = meta_span = None
-    run = 0
-    while find_meta and run < len(body) and _is_meta_line(text[body[run].start : body[run].end]):
-        run += 1
-    if run:
-        meta_span = Span(body[0].start, body[run - 1].end)
+    # The date line follows the title (a Markdown "# title" may come after other lines). Directly
+    # adjacent meta lines ("发布时间：…" then "浏览次数：…") make one span; a blank or image line ends it.
+    first = next((i for i, s in enumerate(body) if title_span is None or s.start >= title_span.end), len(body))
+    last = first
+    while find_meta and last < len(body) and _is_meta_line(text[body[last].start : body[last].end]):
+        gap = text[body[last - 1].end : body[last].start] if last > first else "\n"
+        if gap.strip() or gap.count("\n") != 1:
+            break
+        last += 1
+    if last > first:
+        meta_span = Span(body[first].start, body[last - 1].end)
         meta_text = text[meta_span.start : meta_span.end]
-        date, read_count, body = _parse_date(meta_text), _read_count(meta_text), body[run:]
+        date, read_count, body = _parse_date(meta_text), _read_count(meta_text), body[:first] + body[last:]
     credits: tuple[tuple[str, str], ...] = ()
     credits_span = None
     if body and (parsed := _parse_credits(text[body[-1].start : body[-1].end])):
@@ -461,13 +464,15 @@ def parse_article(text: str, path: str, doc_id: str, encoding: str = "utf-8") ->
 
 _FRONT_MATTER = re.compile(r"---[ \t]*\n(.*?)^(?:---|\.\.\.)[ \t]*$\n?", re.DOTALL | re.MULTILINE)
 _FRONT_KEY = re.compile(r"([A-Za-z_][\w-]*)[ \t]*:[ \t]*")
+# Every line of real front matter looks like YAML; "---" rules around prose are not front matter.
+_YAML_LINE = re.compile(r"[A-Za-z_][\w-]*[ \t]*:|- |#")
 
 
 def _markdown_layout(text: str) -> _Layout:
     front: dict[str, object] = {}  # _Layout fields given by the front matter
     body_start = 0
     fm = _FRONT_MATTER.match(text)
-    if fm:
+    if fm and all(_YAML_LINE.match(text, s.start, s.end) for s in _lines(text, fm.start(1), fm.end(1))):
         body_start = fm.end()
         for line in _lines(text, fm.start(1), fm.end(1)):
             key = _FRONT_KEY.match(text, line.start, line.end)
@@ -488,13 +493,15 @@ def _markdown_layout(text: str) -> _Layout:
     headings: dict[Span, int] = {}  # heading text span -> level
     for s in _lines(text, body_start):
         line = text[s.start : s.end]
-        if _MD_IMAGE_LINE.fullmatch(line):
+        if _MD_IMAGE_LINE.fullmatch(line) or _MD_RULE.fullmatch(line):
             continue
         h = _MD_HEADING.fullmatch(line)
         if h:
-            if not h.group(2):
+            heading = h.group(2) or ""
+            if not heading.strip():
                 continue  # a bare "#"
-            s = Span(s.start + h.start(2), s.start + h.end(2))
+            left = s.start + h.start(2) + len(heading) - len(heading.lstrip())
+            s = Span(left, left + len(heading.strip()))
             headings[s] = len(h.group(1))
         lines.append(s)
     title_span = front.get("title_span")
@@ -508,7 +515,8 @@ def _markdown_layout(text: str) -> _Layout:
         raise CorpusError("no text")
     layout = _layout(text, lines, title_span=title_span, titled=title_span is not None, find_meta="date" not in front)
     if layout.credits_span is not None:  # a credits line in the body says more than an author field
-        front.pop("credits", None), front.pop("credits_span", None)
+        front.pop("credits", None)
+        front.pop("credits_span", None)
     # Soft-wrapped lines (no blank line between) are one paragraph; headings stay on their own.
     paragraphs: list[Span] = []
     for s in layout.paragraphs:

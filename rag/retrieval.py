@@ -88,7 +88,9 @@ class Retriever:
             # A question that names a speaker is about that speaker's segments first.
             bonus = cfg.speaker_boost * max(fused.values())
             for i in fused:
-                if index.chunks[i].speaker in named:
+                chunk = index.chunks[i]
+                # Their own segments, and passages that name them (the overview gives their role).
+                if chunk.speaker in named or any(name in chunk.text for name in named):
                     fused[i] += bonus
         order = sorted(fused, key=lambda i: -fused[i])[:k]
         return [Hit(index.chunks[i], fused[i], dense.get(i), lexical.get(i)) for i in order]

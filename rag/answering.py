@@ -231,6 +231,27 @@ class QA:
     def __init__(self, retriever: Retriever, answerer, config: Config):
         self.retriever, self.answerer, self.config = retriever, answerer, config
 
+    @classmethod
+    def open(cls, config: Config, embedder=None) -> "QA":
+        """Load the index at config.index_dir and the embedding model it was built with.
+
+        Pass an already loaded `embedder` to share one model between index versions.
+        """
+        from .embedding import load_embedder
+        from .index import IndexError_, load
+
+        index = load(config.index_dir, model_name=config.model)
+        embedder = embedder or load_embedder(config)
+        if embedder.fingerprint != index.manifest["model"]["fingerprint"]:
+            raise IndexError_(
+                f"the index at {config.index_dir} was built with other weights of {embedder.name}; run `rag build`"
+            )
+        return cls(Retriever(index, embedder, config), ExtractiveAnswerer(index.tokenizer, index.bm25, config), config)
+
+    @property
+    def index(self):
+        return self.retriever.index
+
     def ask(self, question: str, filters: Filters | None = None) -> Answer:
         try:
             cleaned = check_question(question, self.config)
@@ -239,8 +260,40 @@ class QA:
         t0 = time.perf_counter()
         hits = self.retriever.search(cleaned, filters=filters)
         t1 = time.perf_counter()
-        answer = self.answerer.answer(cleaned, hits, self.retriever.index.documents)
+        answer = self.answerer.answer(cleaned, hits, self.index.documents)
         t2 = time.perf_counter()
         timings = {"retrieve": round((t1 - t0) * 1000, 2), "answer": round((t2 - t1) * 1000, 2)}
         return Answer(question, answer.answer, answer.found, answer.citations, answer.passages,
                       answer.support, timings)
+
+
+class LiveQA:
+    """The QA for whatever index version is current, switching when a new build lands.
+
+    A chat in flight keeps the QA it started with; the next call sees the new version. The
+    embedding model is loaded once and shared between versions.
+    """
+
+    def __init__(self, config: Config, embedder=None):
+        import threading
+
+        self.config, self._embedder = config, embedder
+        self._lock = threading.Lock()
+        self._qa: QA | None = None
+        self._target: Path | None = None
+
+    def get(self) -> QA:
+        """The current QA; raises IndexError_ (with what to do) when there is no usable index."""
+        from .index import current_path
+
+        target = current_path(Path(self.config.index_dir))
+        with self._lock:
+            if self._qa is None or target != self._target:
+                try:
+                    qa = QA.open(self.config, self._embedder)
+                except Exception:
+                    if self._qa is None:
+                        raise
+                    return self._qa  # a version that fails to load never replaces a working one
+                self._qa, self._target, self._embedder = qa, target, qa.retriever.embedder
+            return self._qa

@@ -27,23 +27,6 @@ def config_from(args: argparse.Namespace) -> Config:
     return Config().replace(**values)
 
 
-def open_qa(config: Config):
-    """Load the index and the embedding model it was built with, and wire up the QA pipeline."""
-    from .answering import QA, ExtractiveAnswerer
-    from .embedding import load_embedder
-    from .index import load
-    from .retrieval import Retriever
-
-    index = load(config.index_dir, model_name=config.model)
-    embedder = load_embedder(config)
-    if embedder.fingerprint != index.manifest["model"]["fingerprint"]:
-        raise CLIError(
-            f"the index at {config.index_dir} was built with other weights of {embedder.name}; run `rag build`"
-        )
-    answerer = ExtractiveAnswerer(index.tokenizer, index.bm25, config)
-    return QA(Retriever(index, embedder, config), answerer, config)
-
-
 def cmd_build(args, config: Config) -> None:
     from .embedding import load_embedder
     from .index import build
@@ -82,9 +65,11 @@ def _print_answer(answer, as_json: bool) -> None:
 
 
 def cmd_ask(args, config: Config) -> None:
+    from .answering import QA
+
     if not args.batch and args.question is None:
         raise CLIError("give a QUESTION, or --batch FILE with one {\"question\": ...} per line")
-    qa = open_qa(config)
+    qa = QA.open(config)
     if args.batch:
         from .evaluation import read_qa
 
@@ -99,13 +84,14 @@ def cmd_ask(args, config: Config) -> None:
 
 
 def cmd_eval(args, config: Config) -> None:
+    from .answering import QA
     from .evaluation import read_qa, score
 
     try:
         items = read_qa(Path(args.qa))
     except (OSError, ValueError) as e:
         raise CLIError(str(e)) from None
-    qa = open_qa(config)
+    qa = QA.open(config)
     answers = [qa.ask(item["question"]) for item in items]
     result = score(items, answers, config.max_answer_chars)
     if args.json:

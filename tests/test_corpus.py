@@ -260,6 +260,13 @@ def test_meta_line_variants(meta: str, date: str | None, reads: int | None) -> N
     assert [cut(article, p) for p in article.paragraphs] == ["正文。"]
 
 
+def test_adjacent_meta_lines_make_one_span() -> None:
+    article = parse_article("学校新闻\n发布时间：2023-07-04\n浏览次数：88\n\n正文。\n", "x.txt", "x")
+    assert (article.date, article.read_count) == ("2023-07-04", 88)
+    assert cut(article, article.meta_span) == "发布时间：2023-07-04\n浏览次数：88"
+    assert [cut(article, p) for p in article.paragraphs] == ["正文。"]
+
+
 def test_a_paragraph_that_opens_with_a_date_is_not_the_meta_line() -> None:
     article = parse_article("学校新闻\n2023年7月4日,学校举行会议。\n", "x.txt", "x")
     assert article.date is None and article.meta_span is None
@@ -448,6 +455,23 @@ def test_same_doc_id_from_two_suffixes(tmp_path: Path) -> None:
     articles, skipped = load_corpus(tmp_path, Config())
     assert [(a.doc_id, a.path) for a in articles] == [("x", "x.md")]
     assert skipped == [Skipped("x.txt", "doc_id x is already used by x.md")]
+
+
+def test_spans_stay_sound_on_scrambled_documents() -> None:
+    pieces = [
+        "学校新闻", "\n", "\r\n", "\r", "  ", "\xa0", "\u3000", "\ufeff", "(张三/摄影)", "（编辑：李四）",
+        "2023年07月04日19时40分", "阅读:12", "a.jpg", "---", "\n---\n", "# 标题", "## ", "#", "title: x",
+        "date: 2023-01-01", "author: 张三", "。", "/", "：", "![x](y.png)", "正文,内容。", "(", ")", "张三 李四/摄影",
+    ]  # fmt: skip
+    rnd = random.Random(3)
+    for _ in range(3000):
+        text = "".join(rnd.choice(pieces) for _ in range(rnd.randrange(1, 16)))
+        for path in ("x.txt", "x.md"):
+            try:
+                article = parse_article(text, path, "x")
+            except CorpusError:
+                continue
+            assert_spans_sound(article)
 
 
 def test_records_are_frozen(seed: Article) -> None:

@@ -16,16 +16,18 @@ _CLAUSE_END = re.compile(r"[，,、：:]")
 _REPORT_TITLE = re.compile(r"《([^《》]{2,60})》")
 _VENUE = re.compile(r"在([\u4e00-\u9fff]{2,14}?)(?:隆重|顺利|成功)?(?:举行|召开|举办|开幕|开展)")
 _PRONOUN_START = re.compile(r"^(?:他|她|其)")
+_PHRASE_SPLIT = re.compile(r"[\s“”\"'‘’《》「」、，,：:；;。！？!?()（）]+")
 _CJK_NAME = re.compile(r"^[\u4e00-\u9fff·]{2,4}$")
 
-# Credit roles as they are shown and as users ask about them ("谁拍的照片").
-CREDIT_LABELS = {
-    "photographer": "摄影（拍摄照片、拍照）",
-    "contributor": "供稿（稿件提供）",
-    "reviewer": "审核",
-    "editor": "编辑",
-    "writer": "文字（撰稿、作者）",
-    "correspondent": "通讯员",
+# Credits described the way users ask about them ("这篇报道的照片是谁拍的？").
+CREDIT_PHRASES = {
+    "photographer": "照片由{}拍摄（摄影）",
+    "contributor": "稿件由{}提供（供稿）",
+    "reviewer": "由{}审核",
+    "editor": "由{}编辑",
+    "writer": "文字由{}撰写（作者）",
+    "reporter": "记者：{}",
+    "correspondent": "通讯员：{}",
 }
 
 
@@ -198,14 +200,15 @@ def chunk_article(article: Article, config: Config) -> list[Chunk]:
     meta_spans = [s for s in (article.title_span, article.meta_span) if s]
     if meta_spans:
         span = Span(min(s.start for s in meta_spans), max(s.end for s in meta_spans))
-        extra = "".join(
-            [f"发布时间：{article.date}；" if article.date else "",
-             f"阅读量（阅读数、浏览量）：{article.read_count}；" if article.read_count is not None else ""]
-        )
-        add("meta", span, extra=extra + "\n" if extra else "")
+        facts = [f"这篇报道《{article.title}》"]
+        if article.date:
+            facts.append(f"发布于{article.date}")
+        if article.read_count is not None:
+            facts.append(f"阅读量（阅读次数）为{article.read_count}")
+        add("meta", span, extra="，".join(facts) + "。\n")
     if article.credits_span:
-        extra = "；".join(f"{CREDIT_LABELS.get(r, r)}：{n}" for r, n in article.credits)
-        add("credits", article.credits_span, extra=extra + "\n")
+        phrases = [CREDIT_PHRASES.get(role, role + "：{}").format(name) for role, name in article.credits]
+        add("credits", article.credits_span, extra="这篇报道的" + "；".join(phrases) + "。\n")
 
     paragraphs = list(article.paragraphs)
     if not paragraphs:
@@ -242,8 +245,8 @@ def corpus_terms(articles: list[Article], chunks: list[Chunk]) -> list[str]:
     terms: set[str] = set()
     for c in chunks:
         for value in (c.speaker, c.report_title):
-            if value:
-                terms.update(normalize(value).split())
+            if value:  # a title like "通达学情 融合推进 “五字诀”推进…" gives its phrases
+                terms.update(_PHRASE_SPLIT.split(normalize(value)))
         if c.role:
             terms.update(p for p in re.split(r"[、,，\s]", normalize(c.role)) if len(p) >= 2)
     for a in articles:

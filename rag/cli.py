@@ -98,7 +98,7 @@ def cmd_eval(args, config: Config) -> None:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return
     for key in ("questions", "answerable", "hit@1", "hit@5", "mrr@10", "answer_accuracy", "refusal_accuracy",
-                "false_refusals", "retrieve_ms_p50", "retrieve_ms_p95"):
+                "false_refusals", "support_max_unanswerable", "support_min_answerable", "retrieve_ms_p50", "retrieve_ms_p95"):
         value = result[key]
         print(f"{key:18} {value:.3f}" if isinstance(value, float) else f"{key:18} {value}")
     for f in result["failures"]:
@@ -117,6 +117,53 @@ def cmd_doc(args, config: Config) -> None:
         print(json.dumps(doc, ensure_ascii=False, indent=2))
     else:
         print(f"{doc['title']}\n{doc.get('date') or ''}  {doc['path']}\n\n{doc['text']}")
+
+
+def _feedback_path(args) -> Path:
+    from .feedback import default_path
+
+    return Path(args.feedback_db or os.environ.get("RAG_FEEDBACK_DB") or default_path())
+
+
+def cmd_serve(args, config: Config) -> None:
+    try:
+        import app  # the Gradio page lives outside rag/, which never imports gradio
+    except ModuleNotFoundError as e:
+        if e.name != "app":
+            raise
+        raise CLIError("app.py is not importable: reinstall the project (pip install -e .) or run `python app.py`") from None
+
+    host = args.host or os.environ.get("RAG_HOST") or "127.0.0.1"
+    port = args.port or os.environ.get("RAG_PORT") or "7860"
+    if not str(port).isdigit() or not 0 < int(port) < 65536:
+        raise CLIError(f"port must be a number from 1 to 65535, not {port!r}")
+    if args.concurrency < 1:
+        raise CLIError("--concurrency must be at least 1")
+    try:
+        # The password only ever comes from the environment: a flag would show in `ps`.
+        app.serve(config, host=host, port=int(port), feedback_db=_feedback_path(args),
+                  admin_password=os.environ.get("RAG_ADMIN_PASSWORD") or None, concurrency=args.concurrency)
+    except OSError as e:  # port taken, address not available, feedback file not writable
+        raise CLIError(str(e)) from None
+
+
+def cmd_feedback(args, config: Config) -> None:
+    from .feedback import FeedbackStore
+
+    path = _feedback_path(args)
+    if not path.exists():
+        raise CLIError(f"no feedback database at {path}; the web chat creates it (set RAG_FEEDBACK_DB or --db)")
+    try:
+        store = FeedbackStore(path)
+        if args.export:
+            n = store.export_jsonl(Path(args.export))
+            print(f"wrote {n} ratings to {args.export}")
+            return
+        rows = store.rows()
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    counts = {r: sum(1 for row in rows if row["rating"] == r) for r in ("up", "down", "none")}
+    print(f"{path}: {len(rows)} ratings ({counts['up']} 👍, {counts['down']} 👎, {counts['none']} withdrawn)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -154,6 +201,20 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("doc_id")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doc)
+
+    s = sub.add_parser("serve", help="build the index if missing or stale, then serve the web chat")
+    common(s, corpus=True)
+    s.add_argument("--host", help="address to listen on (env RAG_HOST, default 127.0.0.1)")
+    s.add_argument("--port", help="port (env RAG_PORT, default 7860)")
+    s.add_argument("--feedback-db", dest="feedback_db",
+                   help="SQLite file for 👍/👎 (env RAG_FEEDBACK_DB, default ~/.local/share/rag-news/feedback.sqlite3)")
+    s.add_argument("--concurrency", type=int, default=6, help="questions answered at once (default 6)")
+    s.set_defaults(func=cmd_serve)
+
+    f = sub.add_parser("feedback", help="summarise or export the 👍/👎 given in the web chat")
+    f.add_argument("--db", dest="feedback_db", help="SQLite file (env RAG_FEEDBACK_DB)")
+    f.add_argument("--export", metavar="FILE.jsonl", help="write every rating as one JSON object per line")
+    f.set_defaults(func=cmd_feedback)
     return p
 
 

@@ -65,6 +65,10 @@ class Index:
     def version(self) -> str:
         return self.manifest["version"]
 
+    def vectors(self, ids: list[int]) -> np.ndarray:
+        """The stored embeddings of chunks `ids` (n, dim)."""
+        return np.stack([self.dense.reconstruct(int(i)) for i in ids])
+
     def search_dense(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the k nearest chunks by inner product, as faiss returns them."""
         k = min(k, self.dense.ntotal)
@@ -148,7 +152,7 @@ def _build(config: Config, embedder, progress) -> BuildReport:
     say(f"parsed {len(articles)} articles into {len(chunks)} chunks")
     terms = corpus_terms(articles, chunks)
     tokenizer = ChineseTokenizer(terms)
-    bm25 = BM25.build([tokenizer.tokenize(c.search_text) for c in chunks])
+    bm25 = BM25.build([tokenizer.tokenize(c.search_text, search=True) for c in chunks])
 
     hashes = [_sha(c.search_text) for c in chunks]
     reuse = _previous_vectors(Path(config.index_dir), embedder.fingerprint)

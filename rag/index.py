@@ -129,21 +129,24 @@ def build_lock(index_dir: Path):
         yield
 
 
-def build(config: Config, embedder, progress: Callable[[str], None] | None = None) -> BuildReport:
+def build(config: Config, embedder, progress: Callable[[str], None] | None = None, strict: bool = False) -> BuildReport:
     """Parse, chunk, embed and index config.corpus_dir into a new version of config.index_dir.
 
     Holds a lock for the whole build: a second build at the same time refuses clearly.
     """
     with build_lock(Path(config.index_dir)):
-        return _build(config, embedder, progress)
+        return _build(config, embedder, progress, strict)
 
 
-def _build(config: Config, embedder, progress) -> BuildReport:
+def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     articles, skipped = load_corpus(Path(config.corpus_dir), config)
     for s in skipped:
         say(f"skipped {s.path}: {s.reason}")
+    if strict and skipped:
+        names = "; ".join(f"{s.path} ({s.reason})" for s in skipped)
+        raise IndexError_(f"--strict: {len(skipped)} file(s) could not be indexed: {names}; the current index is unchanged")
     if not articles:
         raise IndexError_(
             f"no articles found in {config.corpus_dir} (.txt, .md or .jsonl files); add some and run `rag build` again"
@@ -228,9 +231,11 @@ def _point_current(index_dir: Path, target: Path) -> None:
 
 
 def _prune(versions: Path, keep: int) -> None:
+    current = current_path(versions.parent)
     done = sorted(p for p in versions.iterdir() if not p.name.startswith("."))
     for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.resolve() != current:
+            shutil.rmtree(old, ignore_errors=True)
     for stale in versions.glob(".*.tmp-*"):  # left by a build that was killed
         with contextlib.suppress(ValueError):
             if not _pid_alive(int(stale.name.rsplit("-", 1)[1])):
@@ -245,6 +250,41 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def list_versions(index_dir: Path) -> list[dict]:
+    """Complete versions, oldest first: version, built_at, documents, chunks, model, and which is current."""
+    versions = Path(index_dir) / "versions"
+    current = current_path(Path(index_dir))
+    out = []
+    for folder in sorted(versions.iterdir()) if versions.exists() else []:
+        manifest_path = folder / "manifest.json"
+        if folder.name.startswith(".") or not manifest_path.exists():
+            continue
+        m = json.loads(manifest_path.read_text(encoding="utf-8"))
+        out.append({"version": m["version"], "built_at": m["built_at"], "documents": m["counts"]["documents"],
+                    "chunks": m["counts"]["chunks"], "model": m["model"]["name"],
+                    "current": folder.resolve() == current, "path": str(folder)})
+    return out
+
+
+def rollback(index_dir: Path, version: str | None = None) -> dict:
+    """Point `current` at `version`, or at the version before the current one."""
+    with build_lock(Path(index_dir)):
+        versions = list_versions(index_dir)
+        names = [v["version"] for v in versions]
+        if version is None:
+            at = next((i for i, v in enumerate(versions) if v["current"]), len(versions))
+            if at == 0 or not versions:
+                raise IndexError_(f"no earlier index version in {index_dir} to roll back to (see `rag index list`)")
+            target = versions[at - 1]
+        elif version in names:
+            target = versions[names.index(version)]
+        else:
+            raise IndexError_(f"no index version {version!r} in {index_dir}; `rag index list` shows them")
+        load(Path(target["path"]))  # never point `current` at a version that does not load
+        _point_current(Path(index_dir), Path(target["path"]))
+        return target
 
 
 def load(path: Path, model_name: str | None = None) -> Index:

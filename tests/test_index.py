@@ -108,3 +108,76 @@ def test_rrf_fuses_rankings():
     assert max(fused, key=fused.get) == 3
     weighted = rrf([[7, 3], [3]], [2.0, 0.01], k=60)
     assert max(weighted, key=weighted.get) == 7
+
+
+def test_versions_list_and_rollback(built, fake_embedder):
+    from rag.index import list_versions, rollback
+
+    config, first = built
+    second = build(config, fake_embedder)
+    versions = list_versions(config.index_dir)
+    assert [v["version"] for v in versions] == [first.manifest["version"], second.manifest["version"]]
+    assert [v["current"] for v in versions] == [False, True]
+    back = rollback(config.index_dir)
+    assert back["version"] == first.manifest["version"] == load(config.index_dir).version
+    with pytest.raises(IndexError_, match="no earlier"):
+        rollback(config.index_dir)
+    rollback(config.index_dir, second.manifest["version"])
+    assert load(config.index_dir).version == second.manifest["version"]
+
+
+def test_strict_build_refuses_skipped_files_and_keeps_current(built, fake_embedder):
+    config, first = built
+    (config.corpus_dir / "broken.txt").write_bytes(b"\x00\x01\x02binary")
+    report = build(config, fake_embedder)  # lenient: skipped and named, still builds
+    assert [s.path for s in report.skipped] == ["broken.txt"]
+    with pytest.raises(IndexError_, match="broken.txt"):
+        build(config, fake_embedder, strict=True)
+    assert load(config.index_dir).version == report.manifest["version"]
+
+
+KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+from rag.config import Config
+from rag.index import build
+from tests.conftest import FakeEmbedder
+
+class Slow(FakeEmbedder):
+    def encode_passages(self, texts, batch_size=16, progress=None):
+        print("embedding", flush=True)
+        time.sleep(float(sys.argv[3]))
+        return super().encode_passages(texts)
+
+build(Config(corpus_dir=Path(sys.argv[1]), index_dir=Path(sys.argv[2])), Slow())
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3, 1.0, 30.0])
+def test_a_build_killed_with_sigkill_leaves_the_current_index(built, fake_embedder, tmp_path, delay):
+    """SIGKILL at several moments (parsing, embedding, writing): the old version keeps answering."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ROOT
+
+    config, first = built
+    (config.corpus_dir / "extra.txt").write_text("新文章\n王继元在会上作了报告。", encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(config.corpus_dir), str(config.index_dir),
+                             str(min(delay, 5.0))], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    if delay >= 30:
+        proc.stdout.readline()  # wait until it is embedding, then kill it mid-build
+    else:
+        time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    index = load(config.index_dir)
+    assert index.version in {v.name for v in (config.index_dir / "versions").iterdir()}
+    hits = Retriever(index, fake_embedder, config).search("王继元")
+    assert hits
+    report = build(config, fake_embedder)  # the next build recovers and leaves no stale temp folder
+    assert load(config.index_dir).version == report.manifest["version"]
+    assert not list((config.index_dir / "versions").glob(".*.tmp-*"))

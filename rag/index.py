@@ -60,14 +60,17 @@ class Index:
     bm25: BM25
     tokenizer: ChineseTokenizer
     speakers: dict[str, str | None] = field(default_factory=dict)  # name -> role
+    _vectors: np.ndarray | None = None
 
     @property
     def version(self) -> str:
         return self.manifest["version"]
 
     def vectors(self, ids: list[int]) -> np.ndarray:
-        """The stored embeddings of chunks `ids` (n, dim)."""
-        return np.stack([self.dense.reconstruct(int(i)) for i in ids])
+        """The stored embeddings of chunks `ids` (n, dim), memory-mapped from embeddings.npy."""
+        if self._vectors is None:
+            self._vectors = np.load(self.path / "embeddings.npy", mmap_mode="r")
+        return np.asarray(self._vectors[np.asarray(ids)])
 
     def search_dense(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the k nearest chunks by inner product, as faiss returns them."""
@@ -94,11 +97,35 @@ def current_path(index_dir: Path) -> Path | None:
     return link.resolve() if link.exists() else None
 
 
-def _faiss_flat(vectors: np.ndarray):
+def dense_index_kind(config: Config, n: int) -> str:
+    """The FAISS index type for n vectors: exact while small, approximate beyond the threshold."""
+    kind = config.dense_index
+    if kind == "auto":
+        kind = "flat" if n <= config.approx_threshold else "hnsw"
+    if kind not in ("flat", "hnsw", "ivf_sq8"):
+        raise IndexError_(f"unknown dense_index {kind!r}; use flat, hnsw, ivf_sq8 or auto")
+    return kind
+
+
+def make_dense_index(vectors: np.ndarray, kind: str, config: Config):
+    """An inner-product FAISS index over normalised vectors (cosine similarity)."""
     import faiss
 
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = config.hnsw_ef_construction
+        index.hnsw.efSearch = config.hnsw_ef_search
+    elif kind == "ivf_sq8":
+        nlist = max(1, min(4 * int(np.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
+        index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                              faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors[np.random.default_rng(0).permutation(n)[: max(nlist * 64, 10_000)]])
+        index.nprobe = config.ivf_nprobe
+    else:
+        index = faiss.IndexFlatIP(dim)
+    index.add(vectors)
     return index
 
 
@@ -175,7 +202,7 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
         "config": config.to_json(),
         "model": {"name": embedder.name, "dim": embedder.dim, "fingerprint": embedder.fingerprint},
         "chunker_version": CHUNKER_VERSION,
-        "dense_index": "IndexFlatIP",
+        "dense_index": dense_index_kind(config, len(chunks)),
         "libraries": _versions(),
         "documents": [
             {"doc_id": a.doc_id, "path": a.path, "title": a.title, "date": a.date, "content_hash": a.content_hash}
@@ -186,12 +213,12 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
                    "reused": len(chunks) - len(todo), "lexicon": len(terms)},
         "build_seconds": None,
     }
-    path = _write_version(Path(config.index_dir), manifest, articles, chunks, hashes, vectors, bm25, terms, t0)
+    path = _write_version(Path(config.index_dir), manifest, config, articles, chunks, hashes, vectors, bm25, terms, t0)
     say(f"index {manifest['version']} ready: {len(articles)} documents, {len(chunks)} chunks")
     return BuildReport(path, manifest, skipped, len(todo), len(chunks) - len(todo), time.perf_counter() - t0)
 
 
-def _write_version(index_dir, manifest, articles, chunks, hashes, vectors, bm25, terms, t0) -> Path:
+def _write_version(index_dir, manifest, config, articles, chunks, hashes, vectors, bm25, terms, t0) -> Path:
     import faiss
 
     versions = index_dir / "versions"
@@ -208,7 +235,7 @@ def _write_version(index_dir, manifest, articles, chunks, hashes, vectors, bm25,
         for a in articles:
             fh.write(json.dumps(a.to_json(), ensure_ascii=False) + "\n")
     np.save(tmp / "embeddings.npy", vectors)
-    faiss.write_index(_faiss_flat(vectors), str(tmp / "dense.faiss"))
+    faiss.write_index(make_dense_index(vectors, manifest["dense_index"], config), str(tmp / "dense.faiss"))
     bm25.save(tmp)
     (tmp / "lexicon.txt").write_text("\n".join(terms) + "\n", encoding="utf-8")
     manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
@@ -319,6 +346,11 @@ def load(path: Path, model_name: str | None = None) -> Index:
         doc = json.loads(line)
         documents[doc["doc_id"]] = doc
     dense = faiss.read_index(str(path / "dense.faiss"))
+    cfg = manifest["config"]
+    if manifest.get("dense_index") == "hnsw":
+        dense.hnsw.efSearch = int(cfg.get("hnsw_ef_search", 128))
+    elif manifest.get("dense_index") == "ivf_sq8":
+        dense.nprobe = int(cfg.get("ivf_nprobe", 32))
     counts = manifest["counts"]
     if dense.ntotal != len(chunks) or len(chunks) != counts["chunks"] or len(documents) != counts["documents"]:
         raise IndexError_(f"the index at {path} is inconsistent (counts differ from its manifest); run `rag build`")

@@ -181,3 +181,37 @@ def test_a_build_killed_with_sigkill_leaves_the_current_index(built, fake_embedd
     report = build(config, fake_embedder)  # the next build recovers and leaves no stale temp folder
     assert load(config.index_dir).version == report.manifest["version"]
     assert not list((config.index_dir / "versions").glob(".*.tmp-*"))
+
+
+def clustered_vectors(n, dim, seed=0):
+    """Unit vectors around 200 centres: closer to real embeddings than uniform noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(200, dim))
+    x = centres[rng.integers(0, 200, n)] + 0.5 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf_sq8"])
+def test_approximate_index_recall_at_10_against_exact(kind):
+    from rag.index import make_dense_index
+
+    config = Config()
+    data = clustered_vectors(20_000, 64)
+    queries = clustered_vectors(200, 64, seed=1)
+    exact = make_dense_index(data, "flat", config).search(queries, 10)[1]
+    approx = make_dense_index(data, kind, config).search(queries, 10)[1]
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.95, recall
+
+
+def test_auto_index_kind_follows_size_and_is_recorded(tmp_path, seed_corpus, fake_embedder):
+    from rag.index import dense_index_kind
+
+    assert dense_index_kind(Config(approx_threshold=100), 100) == "flat"
+    assert dense_index_kind(Config(approx_threshold=100), 101) == "hnsw"
+    config = Config(corpus_dir=seed_corpus, index_dir=tmp_path / "i", approx_threshold=5)
+    report = build(config, fake_embedder)
+    assert report.manifest["dense_index"] == "hnsw"
+    index = load(config.index_dir)
+    hits = Retriever(index, fake_embedder, config).search("王继元后勤")
+    assert len(hits) >= 5

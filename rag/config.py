@@ -42,7 +42,7 @@ class Config:
     hnsw_m: int = 32  # HNSW graph degree (faiss IndexHNSWFlat M)
     hnsw_ef_construction: int = 200  # HNSW build breadth: 64 gave recall@10 0.92 on clustered data, 200 gave 0.97
     hnsw_ef_search: int = 128  # HNSW search breadth: recall@10 vs exact >= 0.95 on the scale benchmark
-    ivf_nprobe: int = 32  # IVF lists probed per query
+    ivf_nprobe: int = 128  # IVF lists probed per query (of sqrt(n) lists)
     max_file_bytes: int = 20_000_000  # article files over this size are skipped
 
     def replace(self, **changes) -> "Config":

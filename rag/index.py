@@ -118,7 +118,7 @@ def make_dense_index(vectors: np.ndarray, kind: str, config: Config):
         index.hnsw.efConstruction = config.hnsw_ef_construction
         index.hnsw.efSearch = config.hnsw_ef_search
     elif kind == "ivf_sq8":
-        nlist = max(1, min(4 * int(np.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
+        nlist = max(1, min(int(np.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
         index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, faiss.ScalarQuantizer.QT_8bit,
                                               faiss.METRIC_INNER_PRODUCT)
         index.train(vectors[np.random.default_rng(0).permutation(n)[: max(nlist * 64, 10_000)]])

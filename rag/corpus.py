@@ -1,11 +1,13 @@
-"""Corpus files (.txt, .md, .jsonl) to Article records whose spans point into the decoded text."""
+"""Corpus files (.txt, .md, .jsonl, .html, .docx) to Article records whose spans point into the decoded text."""
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -13,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from rag.config import Config
 
-_SUFFIXES = (".txt", ".md", ".jsonl")
+_SUFFIXES = (".txt", ".md", ".jsonl", ".html", ".htm", ".docx")
 
 
 class CorpusError(Exception):
@@ -591,6 +593,290 @@ def _record_article(record: object, stem: str, path: str, encoding: str) -> Arti
     return _article(path, f"{stem}#{str(rid).strip()}", body, encoding, layout)
 
 
+# ---------------------------------------------------------------- saved web pages and Word files
+
+_HTML_SUFFIXES = (".html", ".htm")
+_HTML_TAG = re.compile(r"<(?:!doctype\s+html|html|head|body|title|meta|div|p|h[1-6]|article|main|table|br)\b", re.I)
+# The charset of a <meta charset=…>, <meta http-equiv content="…; charset=…"> or <?xml encoding=…?>.
+# Browsers only look at the first 1024 bytes (WHATWG "prescan"); saved pages often put comments first.
+_DECLARED_CHARSET = re.compile(
+    rb"""<meta[^>]*?charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)|^\s*<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9_.:-]+)""",
+    re.I,
+)
+# WHATWG Encoding Standard labels: every GB label means the GB18030 decoder; Big5 labels mean Big5 with
+# the HKSCS and Microsoft extensions, which Python splits over three codecs.
+_GB_LABELS = {"gb2312", "gbk", "x-gbk", "gb18030", "chinese", "csgb2312", "iso-ir-58", "gb_2312", "gb_2312-80",
+              "csiso58gb231280", "cp936", "windows-936"}  # fmt: skip
+_BIG5_LABELS = {"big5", "big5-hkscs", "big5hkscs", "cn-big5", "csbig5", "x-x-big5", "cp950", "ms950", "windows-950"}
+_BLOCK_TAGS = {
+    "address", "article", "aside", "blockquote", "body", "caption", "dd", "details", "dialog", "div", "dl",
+    "dt", "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6", "header",
+    "hr", "li", "main", "nav", "ol", "p", "pre", "section", "summary", "table", "td", "th", "tr", "ul",
+}  # fmt: skip
+# A .docx that unpacks to more than this is a ZIP bomb or not a news article.
+_MAX_DOCX_UNPACKED = 200_000_000
+_UNSEEN_TAGS = ("script", "style", "noscript", "template", "head", "select", "option", "button", "svg")
+# "标题-学校新闻网", "标题 | 新闻网"; a hyphen between digits is a range ("2023-2024学年"), not a separator.
+_TITLE_SEPARATOR = re.compile(r"\s*(?:(?<!\d)-(?!\d)|[_|–—]|::)\s*")
+_PUBLISHED_META = (  # machine-readable publication dates, used only when the page shows no date line
+    "article:published_time", "og:published_time", "publishdate", "pubdate", "publish_date", "date", "dc.date",
+    "dcterms.created", "dc.date.issued",
+)  # fmt: skip
+
+
+def _declared_codecs(data: bytes) -> tuple[str, ...]:
+    """Python codecs to try for the charset a page declares, most likely first; () when none is declared
+    or Python does not know it.
+
+    >>> _declared_codecs(b'<html><head><meta charset="GBK">')
+    ('gb18030',)
+    >>> _declared_codecs(b'<meta http-equiv="Content-Type" content="text/html; charset=big5">')
+    ('big5', 'cp950', 'big5hkscs')
+    """
+    m = _DECLARED_CHARSET.search(data[:4096])
+    if not m:
+        return ()
+    label = (m.group(1) or m.group(2)).decode("ascii").lower()
+    if label in _GB_LABELS:
+        return ("gb18030",)
+    if label in _BIG5_LABELS:
+        return ("big5", "cp950", "big5hkscs")
+    try:
+        name = codecs.lookup(label).name
+    except LookupError:
+        return ()
+    # A declared UTF-16/32 cannot be right when the declaration itself reads as ASCII (WHATWG says UTF-8).
+    return ("utf-8",) if name.startswith(("utf-16", "utf-32")) else (name,)
+
+
+def decode_html(data: bytes) -> tuple[str, str]:
+    """Decode a saved web page to (text, encoding): a BOM wins, then the page's declared charset, then
+    the byte detection of decode_bytes. Raises CorpusError when empty, binary or undecodable.
+
+    >>> decode_html('<meta charset="gbk"><p>学校</p>'.encode("gbk"))
+    ('<meta charset="gbk"><p>学校</p>', 'gb18030')
+    """
+    declared = _declared_codecs(data)
+    if not data or b"\x00" in data or data.startswith(tuple(bom for bom, _ in _BOMS)) or not declared:
+        return decode_bytes(data)
+    if declared[0] not in ("utf-8", "gb18030", "big5"):
+        # A Chinese page declaring iso-8859-1 or windows-1252 is a classic server misconfiguration: the
+        # bytes are GB or UTF-8, and trusting the label would index mojibake.
+        try:
+            return decode_bytes(data)
+        except CorpusError:
+            pass
+    elif declared[0] != "utf-8":
+        # A page re-saved as UTF-8 often keeps its old GBK declaration, while real GB or Big5 Chinese is
+        # practically never valid UTF-8; so valid UTF-8 with Chinese in it beats the label.
+        try:
+            utf8 = data.decode("utf-8")
+            if any(ord(c) >= 0x800 for c in utf8):
+                return _checked(utf8, "utf-8")
+        except UnicodeDecodeError:
+            pass
+    for codec in declared:
+        try:
+            return _checked(data.decode(codec), codec)
+        except UnicodeDecodeError:
+            continue
+    return decode_bytes(data)  # the label was wrong; detect as for any text file
+
+
+def _squeeze(value: str) -> str:
+    """Collapse runs of HTML whitespace as a browser shows them; no-break and ideographic spaces are
+    content (the seed's date line is "…40分\\xa0\\xa0\\xa0\\xa0阅读:2214") and stay.
+
+    >>> _squeeze(" 2023年07月04日\\n  19时40分\\xa0\\xa0阅读: 2214 ")
+    '2023年07月04日 19时40分\\xa0\\xa0阅读: 2214'
+    """
+    return re.sub(r"[ \t\n\r\f]+", " ", value).strip(" ")
+
+
+def _same(a: str, b: str) -> bool:
+    # trafilatura collapses every kind of whitespace and NFC-normalises; compare lines the same way.
+    return unicodedata.normalize("NFC", a).split() == unicodedata.normalize("NFC", b).split()
+
+
+def _page_lines(tree) -> list[str]:
+    """The visible text of a parsed page, one line per block element, in document order (tree unchanged)."""
+    import copy
+
+    from lxml import etree
+
+    tree = copy.deepcopy(tree)
+    etree.strip_elements(tree, *_UNSEEN_TAGS, with_tail=False)
+    for element in tree.iter():
+        if not isinstance(element.tag, str):
+            continue  # comments and processing instructions
+        if element.tag in _BLOCK_TAGS:
+            element.text = "\n" + (element.text or "")
+            element.tail = "\n" + (element.tail or "")
+        elif element.tag == "br":
+            element.tail = "\n" + (element.tail or "")
+    lines = (_squeeze(line) for line in etree.tostring(tree, method="text", encoding="unicode").split("\n"))
+    return [line for line in lines if line.strip()]
+
+
+def _page_title(tree) -> str:
+    """The article's headline: the longest <h1>/<h2> that the <title> repeats ("标题-网站名"), else
+    og:title, else the first <h1>, else the longest part of <title>; "" when the page has none."""
+    head_title = _squeeze(tree.findtext(".//title") or "")
+    headings = {level: [_squeeze(h.text_content()) for h in tree.iter(level)] for level in ("h1", "h2")}
+    # Longest, because a sidebar's "<h2>学校要闻</h2>" is often in the <title> too ("标题-学校要闻-某大学").
+    repeated = [h for h in headings["h1"] + headings["h2"] if len(h) >= 2 and h in head_title]
+    if repeated:
+        return max(repeated, key=len)
+    for meta in tree.iter("meta"):
+        if meta.get("property", meta.get("name", "")).lower() == "og:title" and meta.get("content", "").strip():
+            return _squeeze(meta.get("content"))
+    if heading := next((h for h in headings["h1"] if h), ""):
+        return heading
+    return max(_TITLE_SEPARATOR.split(head_title), key=len, default="")
+
+
+def _published(tree) -> str | None:
+    for meta in tree.iter("meta"):
+        key = (meta.get("property") or meta.get("name") or meta.get("itemprop") or "").lower()
+        if key in _PUBLISHED_META and (date := _parse_date(meta.get("content") or "")):
+            return date
+    for time in tree.iter("time"):
+        if date := _parse_date(time.get("datetime") or ""):
+            return date
+    return None
+
+
+def _index(lines: list[str], wanted: str) -> int | None:
+    return next((i for i, line in enumerate(lines) if _same(line, wanted)), None)
+
+
+def parse_html(html: str, path: str, doc_id: str, encoding: str = "utf-8") -> Article:
+    """One article from a decoded saved news page. trafilatura (Barbaresi 2021, ACL demo) finds the body
+    and leaves out navigation, sidebars, footers, scripts and styles; the headline, the date/read-count
+    line and a credits line next to the body are taken from the page when trafilatura left them out.
+    Article.text is this extracted text, never markup: the title line, the meta lines, the body
+    paragraphs and the credits line, one per line, laid out by the same rules as a .txt article.
+    Raises CorpusError when the file is not HTML or has no article text."""
+    import copy
+
+    import trafilatura
+    from lxml import etree
+
+    if not _HTML_TAG.search(html):
+        raise CorpusError("not an HTML page (no HTML tags)")
+    try:
+        # trafilatura refuses a lone fragment ("<p>…</p>"); a page body is what a fragment means.
+        tree = trafilatura.load_html(html)
+        if tree is None:
+            tree = trafilatura.load_html(f"<html><body>{html}</body></html>")
+        body = None
+        if tree is not None:
+            body = trafilatura.extract(
+                copy.deepcopy(tree), include_comments=False, include_tables=True, include_images=False,
+                include_links=False, include_formatting=False, with_metadata=False, deduplicate=False,
+                favor_precision=True,
+            )  # fmt: skip
+    except (ValueError, TypeError, RecursionError, etree.LxmlError) as e:
+        # trafilatura is a set of heuristics over arbitrary markup: one page it trips on is skipped.
+        raise CorpusError(f"unparseable HTML ({type(e).__name__}: {e})".replace("\n", " ")) from None
+    if tree is None:
+        raise CorpusError("unparseable HTML (no document tree)")
+    body_lines = [line.strip() for line in _normalize(body or "").split("\n") if line.strip()]
+    title = _page_title(tree)
+    if title and body_lines and _same(body_lines[0], title):
+        body_lines = body_lines[1:]
+    if not body_lines:
+        raise CorpusError("no article text found in the page")
+    published = _published(tree)
+    page = _page_lines(tree)
+    meta = _meta_lines(page, title, body_lines[0]) if title and not _is_meta_line(body_lines[0]) else []
+    credits = [] if _parse_credits(body_lines[-1]) else _credits_line(page, body_lines[-1])
+    # Without a headline, the first body line is the title, as in a .txt file.
+    text = "\n".join([*([title] if title else []), *meta, *body_lines, *credits]) + "\n"
+    article = parse_article(text, path, doc_id, encoding)
+    if article.date is None and published:
+        article = dataclasses.replace(article, date=published)
+    return article
+
+
+def _meta_lines(page: list[str], title: str, first: str) -> list[str]:
+    """The date/read-count lines between the headline and the body's first line in the page's lines;
+    trafilatura often leaves them out, as they sit outside the element that holds the body.
+
+    >>> _meta_lines(["首页", "标题", "2023年07月04日 阅读:5", "分享", "正文。"], "标题", "正文。")
+    ['2023年07月04日 阅读:5']
+    """
+    at_body = _index(page, first)
+    # The headline nearest above the body: a sidebar may list the same title further up.
+    above = [i for i in range(len(page) if at_body is None else at_body) if _same(page[i], title)]
+    if not above:
+        return []
+    stop = above[-1] + 4 if at_body is None else min(at_body, above[-1] + 6)
+    return [line for line in page[above[-1] + 1 : stop] if _is_meta_line(line)]
+
+
+def _credits_line(page: list[str], last: str) -> list[str]:
+    """The credits line ("责任编辑：南木") within two lines after the body's last line, as a list of 0 or 1.
+
+    >>> _credits_line(["正文。", "责任编辑：南木", "上一篇：别的新闻"], "正文。")
+    ['责任编辑：南木']
+    """
+    at = [i for i, line in enumerate(page) if _same(line, last)]
+    if not at:
+        return []
+    return [line for line in page[at[-1] + 1 : at[-1] + 3] if _parse_credits(line)][:1]
+
+
+def parse_docx(data: bytes, path: str, doc_id: str) -> Article:
+    """One article from a Word .docx file: the body's paragraphs (and table rows) in order, one per line,
+    laid out like a .txt article. Page headers and footers are left out. Raises CorpusError when the
+    file is empty, not a .docx or has no text."""
+    import io
+    import zipfile
+    import zlib
+
+    if not data:
+        raise CorpusError("empty file")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as package:
+            names = set(package.namelist())
+            unpacked = sum(info.file_size for info in package.infolist())
+            broken = package.testzip() if unpacked <= _MAX_DOCX_UNPACKED else None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError) as e:
+        raise CorpusError(f"not a readable .docx (bad ZIP archive: {e})") from None
+    if "[Content_Types].xml" not in names or "word/document.xml" not in names:
+        raise CorpusError("not a .docx (a ZIP archive without word/document.xml)")
+    if unpacked > _MAX_DOCX_UNPACKED:
+        raise CorpusError(f"too large: {unpacked} bytes unpacked (a .docx may unpack to {_MAX_DOCX_UNPACKED})")
+    if broken is not None:
+        raise CorpusError(f"corrupt .docx ({broken} fails its checksum)")
+
+    import docx
+    from docx.opc.exceptions import OpcError
+    from docx.table import Table
+    from lxml import etree
+
+    stream = io.BytesIO(data)
+    try:
+        document = docx.Document(stream)
+        lines: list[str] = []
+        for block in document.iter_inner_content():
+            if isinstance(block, Table):
+                for row in block.rows:
+                    cells = [c.text.strip() for c in row.cells]
+                    # A merged cell comes back once per grid column it spans.
+                    lines.append("\t".join(c for i, c in enumerate(cells) if c and c not in cells[:i]))
+            else:
+                lines.append(block.text)
+    except (OpcError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, etree.LxmlError) as e:
+        message = str(e).replace(f"file '{stream!r}'", "the file").replace("\n", " ")  # python-docx names the stream
+        raise CorpusError(f"corrupt .docx ({type(e).__name__}: {message})") from None
+    text = "\n".join(lines)
+    if not text.strip():
+        raise CorpusError("no text in the document")
+    return parse_article(text, path, doc_id, "utf-8")
+
+
 # ---------------------------------------------------------------- folder
 
 
@@ -616,8 +902,8 @@ def load_corpus(corpus_dir: Path, config: Config) -> tuple[list[Article], list[S
     root = Path(corpus_dir)
     if not root.exists():
         raise CorpusError(
-            f"corpus folder {root} does not exist: create it and put .txt, .md or .jsonl articles in it,"
-            " or point corpus_dir at the folder that has them"
+            f"corpus folder {root} does not exist: create it and put .txt, .md, .jsonl, .html or .docx"
+            " articles in it, or point corpus_dir at the folder that has them"
         )
     if not root.is_dir():
         raise CorpusError(f"corpus folder {root} is a file, not a folder: point corpus_dir at a folder")
@@ -637,12 +923,19 @@ def load_corpus(corpus_dir: Path, config: Config) -> tuple[list[Article], list[S
             skipped.append(Skipped(rel, f"cannot read ({e.strerror or e})"))
             continue
         try:
-            text, encoding = decode_bytes(data)
-            if file.suffix.lower() == ".jsonl":
-                found, bad = _jsonl_articles(text, rel, encoding)
-                skipped += bad
+            suffix, doc_id = file.suffix.lower(), PurePosixPath(rel).with_suffix("").as_posix()
+            if suffix == ".docx":
+                found = [parse_docx(data, rel, doc_id)]
+            elif suffix in _HTML_SUFFIXES:
+                html, encoding = decode_html(data)
+                found = [parse_html(html, rel, doc_id, encoding)]
             else:
-                found = [parse_article(text, rel, PurePosixPath(rel).with_suffix("").as_posix(), encoding)]
+                text, encoding = decode_bytes(data)
+                if suffix == ".jsonl":
+                    found, bad = _jsonl_articles(text, rel, encoding)
+                    skipped += bad
+                else:
+                    found = [parse_article(text, rel, doc_id, encoding)]
         except CorpusError as e:
             skipped.append(Skipped(rel, str(e)))
             continue

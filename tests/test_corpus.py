@@ -2,22 +2,37 @@
 from __future__ import annotations
 
 import doctest
+import io
 import json
 import random
 import shutil
+import socket
+import zipfile
 from pathlib import Path
 
 import pytest
 
 import rag.corpus
 from rag.config import Config
-from rag.corpus import Article, CorpusError, Skipped, Span, decode_bytes, load_corpus, parse_article, read_text
+from rag.corpus import (
+    Article,
+    CorpusError,
+    Skipped,
+    Span,
+    decode_bytes,
+    decode_html,
+    load_corpus,
+    parse_article,
+    parse_html,
+    read_text,
+)
 
 DATA = Path(__file__).parent / "data"
 SEED = DATA / "seed" / "000_3ab29ec542edc89a.txt"
 SEED_ID = "000_3ab29ec542edc89a"
 TRADITIONAL = DATA / "traditional" / "seed_zh_hant.txt"  # hand-converted, stored as UTF-8
 SAMPLES = DATA / "samples"
+NEWS_PAGE = SAMPLES / "news_page.html"  # the seed article as its university's news site serves it
 
 SEED_TITLE = "学校举行高质量发展中层干部学习研讨班系列专题报告会"
 SEED_META = "2023年07月04日19时40分\xa0\xa0\xa0\xa0阅读:2214"
@@ -341,7 +356,7 @@ def test_markdown_rules_around_prose_are_not_front_matter() -> None:
 def test_jsonl_two_articles() -> None:
     articles, skipped = load_corpus(SAMPLES, Config())
     assert skipped == []
-    assert [a.doc_id for a in articles] == ["news#a1", "news#2", "reading-day"]
+    assert [a.doc_id for a in articles] == ["news#a1", "news#2", "news_page", "reading-day"]
     first, second = articles[0], articles[1]
     assert first.path == second.path == "news.jsonl"
     assert first.title == "学校召开2023年招生工作会议" and first.title_span is None
@@ -359,6 +374,262 @@ def test_jsonl_two_articles() -> None:
     for article in articles:
         assert_spans_sound(article)
     assert json.loads(json.dumps(first.to_json()))["paragraphs"] == [[p.start, p.end] for p in first.paragraphs]
+
+
+# ---------------------------------------------------------------- saved web pages and Word files
+
+# Text of the page around the article: navigation, search box, sidebar, breadcrumb, share and
+# previous/next links, footer, and what scripts and style sheets hold. None of it may be indexed.
+PAGE_FURNITURE = (
+    "首页", "学校主页", "请输入关键字", "搜索", "学校召开2023年暑期工作会议", "当前位置", "正文\n", "分享到",
+    "上一篇", "下一篇", "版权所有", "ICP", "公网安备", "xcb@cslg.edu.cn", "联系我们", "0512-52251012",
+    "脚本里的提示文字", "页面底部的脚本输出", "样式表里的文字", "font-family", "_hmt", "_showDynClicks",
+    "常熟理工学院新闻网", "<", ">", "&nbsp;", ".jpg",
+)  # fmt: skip
+
+
+def seed_page_text(seed: Article) -> str:
+    """What the saved page must become: the seed article's own lines, image names left out."""
+    return "\n".join([SEED_TITLE, SEED_META, *body_lines(seed.text), SEED_CREDITS_LINE]) + "\n"
+
+
+def test_saved_news_page(seed: Article, tmp_path: Path) -> None:
+    shutil.copy(NEWS_PAGE, tmp_path / NEWS_PAGE.name)
+    articles, skipped = load_corpus(tmp_path, Config())
+    assert skipped == []
+    (page,) = articles
+    assert (page.doc_id, page.path, page.encoding) == ("news_page", "news_page.html", "utf-8")
+    assert page.title == SEED_TITLE
+    assert (page.date, page.read_count) == ("2023-07-04 19:40", 2214)
+    assert page.credits == SEED_CREDITS
+    # Article.text is the extracted article, one line per block; the date line keeps its no-break spaces.
+    assert page.text == seed_page_text(seed)
+    assert cut(page, page.title_span) == SEED_TITLE
+    assert cut(page, page.meta_span) == SEED_META
+    assert cut(page, page.credits_span) == SEED_CREDITS_LINE
+    paragraphs = [cut(page, p) for p in page.paragraphs]
+    assert paragraphs == [cut(seed, p) for p in seed.paragraphs]
+    assert [p[: len(s)] for p, s in zip(paragraphs, SPEAKERS)] == list(SPEAKERS)
+    for furniture in PAGE_FURNITURE:
+        assert furniture not in page.text, furniture
+    assert_spans_sound(page)
+
+
+@pytest.mark.parametrize("label", ["gbk", "GB2312", "gb18030"])
+def test_saved_news_page_in_gbk(seed: Article, tmp_path: Path, label: str) -> None:
+    html = NEWS_PAGE.read_text(encoding="utf-8").replace('<meta charset="utf-8">', f'<meta charset="{label}">')
+    assert f'<meta charset="{label}">' in html
+    write(tmp_path, "news_page.htm", html.encode("gbk"))
+    articles, skipped = load_corpus(tmp_path, Config())
+    assert skipped == []
+    (page,) = articles
+    assert page.encoding == "gb18030"  # the WHATWG decoder for every GB label
+    assert page.text == seed_page_text(seed)
+    assert (page.title, page.date, page.read_count, page.credits) == (
+        SEED_TITLE, "2023-07-04 19:40", 2214, SEED_CREDITS,
+    )  # fmt: skip
+    assert_spans_sound(page)
+
+
+def test_saved_news_page_in_big5(seed: Article, tmp_path: Path) -> None:
+    lines = [line.strip() for line in TRADITIONAL.read_text(encoding="utf-8").split("\n") if line.strip()]
+    title, meta, body, credits = lines[0], lines[1], lines[2:-1], lines[-1]
+    paragraphs = "".join(f'<p><img src="/images/{b}"></p>' if b.endswith(".jpg") else f"<p>{b}</p>" for b in body)
+    html = (
+        '<html><head><meta http-equiv="Content-Type" content="text/html; charset=big5">'
+        f"<title>{title} - 學校新聞網</title><script>var 訪問 = 1;</script></head><body>"
+        '<div id="nav"><a href="/">首頁</a> | <a href="/news">學校要聞</a> | <a href="/media">媒體報道</a></div>'
+        f'<div class="article"><h1>{title}</h1><div class="info">{meta}</div>'
+        f'<div class="content">{paragraphs}<p align="right">{credits}</p></div></div>'
+        "<div id=\"footer\">版權所有 &copy; 2023 學校新聞網</div></body></html>"
+    )
+    write(tmp_path, "zh_hant.html", html.encode("big5"))
+    articles, skipped = load_corpus(tmp_path, Config())
+    assert skipped == []
+    (page,) = articles
+    assert page.encoding == "big5"
+    assert page.title == title and cut(page, page.meta_span) == meta
+    assert (page.date, page.read_count) == (seed.date, seed.read_count)
+    assert cut(page, page.credits_span) == credits and len(page.credits) == 4
+    assert [cut(page, p) for p in page.paragraphs] == [b for b in body if not b.endswith(".jpg")]
+    assert "首頁" not in page.text and "版權所有" not in page.text and "訪問" not in page.text
+    assert_spans_sound(page)
+
+
+@pytest.mark.parametrize(
+    "data, text, encoding",
+    [
+        # Short GBK or Big5 text can also be valid UTF-8 or GBK: the declaration decides.
+        ('<meta charset="gbk"><p>学校</p>'.encode("gbk"), '<meta charset="gbk"><p>学校</p>', "gb18030"),
+        ('<meta content="text/html; charset=big5" http-equiv="Content-Type"><p>學習</p>'.encode("big5"),
+         '<meta content="text/html; charset=big5" http-equiv="Content-Type"><p>學習</p>', "big5"),
+        # A BOM beats a stale declaration.
+        ('\ufeff<meta charset="gbk"><p>学校</p>'.encode("utf-8"), '<meta charset="gbk"><p>学校</p>', "utf-8-sig"),
+        # A page re-saved as UTF-8 that kept its GBK declaration.
+        ('<meta charset="gbk"><p>学校举行报告会</p>'.encode("utf-8"), '<meta charset="gbk"><p>学校举行报告会</p>', "utf-8"),
+        # A Western label on a Chinese page is a server misconfiguration: detect instead.
+        ('<meta charset="iso-8859-1"><p>学校举行报告会</p>'.encode("gbk"), '<meta charset="iso-8859-1"><p>学校举行报告会</p>',
+         "gb18030"),
+        # A wrong UTF-8 label falls back to detection.
+        ('<meta charset="utf-8"><p>学校举行报告会</p>'.encode("gb18030"), '<meta charset="utf-8"><p>学校举行报告会</p>',
+         "gb18030"),
+        ('<?xml version="1.0" encoding="GBK"?>\r\n<html><p>学校</p></html>'.encode("gbk"),
+         '<?xml version="1.0" encoding="GBK"?>\n<html><p>学校</p></html>', "gb18030"),
+        ("<html><p>學校舉行報告會</p></html>".encode("big5"), "<html><p>學校舉行報告會</p></html>", "big5"),
+    ],
+)
+def test_decode_html_honours_bom_then_declaration_then_detection(data: bytes, text: str, encoding: str) -> None:
+    assert decode_html(data) == (text, encoding)
+
+
+def test_page_furniture_next_to_the_body_is_found() -> None:
+    # A common CMS layout: the date and read count in their own block above the body, the editor's
+    # name in a block below it, and the sidebar's "学校要闻" heading repeated in the <title>.
+    html = (
+        "<html><head><title>图书馆举办“世界读书日”主题活动-学校要闻-某某大学</title></head><body>"
+        '<div class="nav"><a href="/">首页</a><a href="/xxyw">学校要闻</a></div>'
+        '<div class="side"><h2>学校要闻</h2><ul><li><a href="/1">图书馆举办“世界读书日”主题活动</a></li></ul></div>'
+        '<div class="art"><h2 class="title">图书馆举办“世界读书日”主题活动</h2>'
+        '<div class="meta"><span>发布时间：2023-04-23 10:00</span>　<span>浏览次数：<b>1,024</b></span></div>'
+        '<div class="body"><p>　　4月23日,图书馆在馆前广场举办“世界读书日”主题活动,师生代表三百余人参加。</p>'
+        "<p>　　活动现场展出新书两百余种,馆员为同学们逐一介绍推荐理由,ＡＩ导读台吸引了不少同学。</p></div>"
+        '<div class="editor">（文字：张三　摄影：李四　责任编辑：南木）</div>'
+        '<div class="prev">上一篇：<a href="/2">别的新闻</a></div></div>'
+        "<footer>版权所有 © 2023 某某大学</footer></body></html>"
+    )
+    article = parse_html(html, "x.html", "x")
+    assert article.title == "图书馆举办“世界读书日”主题活动"
+    assert (article.date, article.read_count) == ("2023-04-23 10:00", 1024)
+    assert cut(article, article.meta_span) == "发布时间：2023-04-23 10:00　浏览次数：1,024"
+    assert article.credits == (("writer", "张三"), ("photographer", "李四"), ("editor", "南木"))
+    # Full-width characters stay as written; NFKC is for matching only.
+    assert cut(article, article.credits_span) == "（文字：张三　摄影：李四　责任编辑：南木）"
+    assert [cut(article, p) for p in article.paragraphs] == [
+        "4月23日,图书馆在馆前广场举办“世界读书日”主题活动,师生代表三百余人参加。",
+        "活动现场展出新书两百余种,馆员为同学们逐一介绍推荐理由,ＡＩ导读台吸引了不少同学。",
+    ]
+    assert "首页" not in article.text and "上一篇" not in article.text and "版权所有" not in article.text
+    assert_spans_sound(article)
+
+
+def test_page_without_a_date_line_takes_its_published_time() -> None:
+    html = (
+        '<html><head><meta property="article:published_time" content="2023-05-06T10:00:00+08:00">'
+        "<title>校园简讯</title></head><body><article><h1>校园简讯</h1>"
+        "<p>5月6日,学校在田径场举行第二十届田径运动会,两千余名运动员参赛。</p></article></body></html>"
+    )
+    article = parse_html(html, "x.html", "x")
+    assert (article.title, article.date, article.meta_span) == ("校园简讯", "2023-05-06 10:00", None)
+    assert [cut(article, p) for p in article.paragraphs] == ["5月6日,学校在田径场举行第二十届田径运动会,两千余名运动员参赛。"]
+
+
+def make_docx(paragraphs: list[str], header: str = "") -> bytes:
+    import docx
+
+    document = docx.Document()
+    for text in paragraphs:
+        document.add_paragraph(text)
+    if header:
+        document.sections[0].header.paragraphs[0].text = header
+    buffer = io.BytesIO()
+    document.save(buffer)
+    return buffer.getvalue()
+
+
+def test_word_document(seed: Article, tmp_path: Path) -> None:
+    # The seed article typed into Word, one paragraph per line, with the office's name in the page header.
+    write(tmp_path, "report.docx", make_docx(seed.text.split("\n"), header="某某大学党委宣传部"))
+    articles, skipped = load_corpus(tmp_path, Config())
+    assert skipped == []
+    (article,) = articles
+    assert (article.doc_id, article.path, article.encoding) == ("report", "report.docx", "utf-8")
+    assert article.text == seed.text and "宣传部" not in article.text
+    assert (article.title, article.date, article.read_count, article.credits) == (
+        SEED_TITLE, "2023-07-04 19:40", 2214, SEED_CREDITS,
+    )  # fmt: skip
+    spans = (article.title_span, article.meta_span, article.credits_span, article.paragraphs)
+    assert spans == (seed.title_span, seed.meta_span, seed.credits_span, seed.paragraphs)
+    assert_spans_sound(article)
+
+
+def test_word_document_tables_and_full_width_text(tmp_path: Path) -> None:
+    import docx
+
+    document = docx.Document()
+    document.add_paragraph("校运会成绩公布")
+    document.add_paragraph("2023年05月06日10时00分\u3000\u3000阅读:35")
+    document.add_paragraph("\u3000\u3000第二十届田径运动会圆满落幕,ＡＩ裁判系统首次启用。")
+    table = document.add_table(rows=2, cols=2)
+    for (row, col), text in {(0, 0): "项目", (0, 1): "冠军", (1, 0): "100米", (1, 1): "张三"}.items():
+        table.cell(row, col).text = text
+    document.add_paragraph("（文字：李明　摄影：张华）")
+    document.save(tmp_path / "results.docx")
+    (article,), skipped = load_corpus(tmp_path, Config())
+    assert skipped == []
+    assert cut(article, article.meta_span) == "2023年05月06日10时00分\u3000\u3000阅读:35"
+    assert (article.date, article.read_count) == ("2023-05-06 10:00", 35)
+    assert [cut(article, p) for p in article.paragraphs] == [
+        "第二十届田径运动会圆满落幕,ＡＩ裁判系统首次启用。", "项目\t冠军", "100米\t张三",
+    ]  # fmt: skip
+    assert article.credits == (("writer", "李明"), ("photographer", "张华"))
+    assert "ＡＩ" in article.text and "（文字：李明　摄影：张华）" in article.text  # not NFKC-folded
+    assert_spans_sound(article)
+
+
+def test_bad_pages_and_documents_are_skipped_with_reasons(tmp_path: Path) -> None:
+    shutil.copy(NEWS_PAGE, tmp_path / "good.html")
+    good_docx = make_docx(["校园简讯", "5月6日,学校举行运动会。"])
+    write(tmp_path, "brief.docx", good_docx)
+    write(tmp_path, "empty.html", b"")
+    write(tmp_path, "blank.htm", " \r\n\t")
+    write(tmp_path, "image.html", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    write(tmp_path, "notes.html", "这只是一段纯文本,\n没有任何标签。\n")
+    write(tmp_path, "script.html", "<html><head><script>alert('只有脚本')</script></head><body></body></html>")
+    nav = '<ul class="nav"><li><a href="/">首页</a></li><li><a href="/news">学校要闻</a></li></ul>'
+    write(tmp_path, "nav.html", f"<html><body>{nav}<footer>版权所有 © 2023 某某大学</footer></body></html>")
+    write(tmp_path, "empty.docx", b"")
+    write(tmp_path, "text.docx", "这不是Word文件".encode())
+    write(tmp_path, "truncated.docx", good_docx[: len(good_docx) // 2])
+    damaged = bytearray(good_docx)
+    damaged[good_docx.index(b"word/document.xml") + 100] ^= 0xFF  # inside the compressed document
+    write(tmp_path, "damaged.docx", bytes(damaged))
+    other = io.BytesIO()
+    with zipfile.ZipFile(other, "w") as package:
+        package.writestr("mimetype", "application/vnd.oasis.opendocument.text")
+    write(tmp_path, "odt.docx", other.getvalue())
+    write(tmp_path, "blank.docx", make_docx(["", "  "]))
+
+    articles, skipped = load_corpus(tmp_path, Config())  # never raises for a bad file
+    assert [a.doc_id for a in articles] == ["brief", "good"]
+    reasons = {s.path: s.reason for s in skipped}
+    assert len(reasons) == len(skipped) == 12
+    assert reasons["empty.html"] == reasons["blank.htm"] == reasons["empty.docx"] == "empty file"
+    assert reasons["image.html"] == "binary file (contains NUL bytes)"
+    assert reasons["notes.html"] == "not an HTML page (no HTML tags)"
+    assert reasons["script.html"] == reasons["nav.html"] == "no article text found in the page"
+    assert reasons["text.docx"].startswith("not a readable .docx (bad ZIP archive:")
+    assert reasons["truncated.docx"].startswith("not a readable .docx (bad ZIP archive:")
+    assert reasons["damaged.docx"].startswith("not a readable .docx (bad ZIP archive:")
+    assert reasons["odt.docx"] == "not a .docx (a ZIP archive without word/document.xml)"
+    assert reasons["blank.docx"] == "no text in the document"
+    assert all("\n" not in s.reason for s in skipped)
+
+
+def test_pages_and_documents_are_read_offline(seed: Article, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    attempts: list[object] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(args)
+        raise OSError("network is off in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    shutil.copy(NEWS_PAGE, tmp_path / NEWS_PAGE.name)
+    write(tmp_path, "report.docx", make_docx(seed.text.split("\n")))
+    articles, skipped = load_corpus(tmp_path, Config())
+    assert [a.doc_id for a in articles] == ["news_page", "report"] and skipped == []
+    assert attempts == []
 
 
 # ---------------------------------------------------------------- the folder

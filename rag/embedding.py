@@ -568,7 +568,9 @@ class Embedder:
                 done = lo + len(idx)
                 if progress and (now - last_report >= 5 or done == len(order)):
                     last_report = now
-                    progress(f"embedded {done}/{len(order)} {what} ({done / max(now - start, 1e-9):.1f}/s)")
+                    rate = done / max(now - start, 1e-9)
+                    eta = (len(order) - done) / max(rate, 1e-9)
+                    progress(f"embedded {done}/{len(order)} {what} ({rate:.1f}/s, ETA {eta:.0f} s)")
         # Models without a Normalize module still give unit vectors, as callers use inner products.
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         np.divide(out, norms, out=out, where=norms > 0)

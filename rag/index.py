@@ -145,6 +145,23 @@ def _previous_vectors(index_dir: Path, fingerprint: str) -> dict[str, np.ndarray
     return {h: vectors[i] for i, h in enumerate(hashes)}
 
 
+def _document_changes(index_dir: Path, articles) -> dict[str, list[str]]:
+    """doc_ids added, changed, removed and unchanged since the current version."""
+    path = current_path(index_dir)
+    before: dict[str, str] = {}
+    if path and (path / "manifest.json").exists():
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+            before = {d["doc_id"]: d["content_hash"] for d in manifest["documents"]}
+    now = {a.doc_id: a.content_hash for a in articles}
+    return {
+        "added": sorted(now.keys() - before.keys()),
+        "changed": sorted(k for k in now.keys() & before.keys() if now[k] != before[k]),
+        "removed": sorted(before.keys() - now.keys()),
+        "unchanged": sorted(k for k in now.keys() & before.keys() if now[k] == before[k]),
+    }
+
+
 @contextlib.contextmanager
 def build_lock(index_dir: Path):
     index_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +196,9 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
             f"no articles found in {config.corpus_dir} (.txt, .md or .jsonl files); add some and run `rag build` again"
         )
     chunks = chunk_corpus(articles, config)
-    say(f"parsed {len(articles)} articles into {len(chunks)} chunks")
+    changes = _document_changes(Path(config.index_dir), articles)
+    say(f"parsed {len(articles)} articles into {len(chunks)} chunks ("
+        + ", ".join(f"{len(v)} {k}" for k, v in changes.items()) + ")")
     terms = corpus_terms(articles, chunks)
     tokenizer = ChineseTokenizer(terms)
     bm25 = BM25.build([tokenizer.tokenize(c.search_text, search=True) for c in chunks])
@@ -209,6 +228,7 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
             for a in articles
         ],
         "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
+        "changes": changes,
         "counts": {"documents": len(articles), "chunks": len(chunks), "embedded": len(todo),
                    "reused": len(chunks) - len(todo), "lexicon": len(terms)},
         "build_seconds": None,

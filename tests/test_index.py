@@ -215,3 +215,29 @@ def test_auto_index_kind_follows_size_and_is_recorded(tmp_path, seed_corpus, fak
     index = load(config.index_dir)
     hits = Retriever(index, fake_embedder, config).search("王继元后勤")
     assert len(hits) >= 5
+
+
+def test_incremental_add_edit_delete_reembeds_only_what_changed(built, fake_embedder):
+    config, first = built
+    seed = next(config.corpus_dir.glob("*.txt"))
+    (config.corpus_dir / "new.txt").write_text("图书馆举办读书日活动\n4月23日,图书馆举办读书日活动。馆长作了讲话。",
+                                               encoding="utf-8")
+    added = build(config, fake_embedder)
+    assert added.manifest["changes"]["added"] == ["new"] and added.manifest["changes"]["changed"] == []
+    new_chunks = [c for c in load(config.index_dir).chunks if c.doc_id == "new"]
+    assert added.embedded == len(new_chunks) and added.reused == first.embedded
+
+    (config.corpus_dir / "new.txt").write_text("图书馆举办读书日活动\n4月23日,图书馆举办读书日活动。副馆长作了讲话。",
+                                               encoding="utf-8")
+    edited = build(config, fake_embedder)
+    assert edited.manifest["changes"]["changed"] == ["new"]
+    assert 0 < edited.embedded <= len(new_chunks)
+    index = load(config.index_dir)
+    assert any("副馆长" in c.text for c in index.chunks) and not any(c.text.endswith("。馆长作了讲话。") for c in index.chunks)
+
+    (config.corpus_dir / "new.txt").unlink()
+    (config.corpus_dir / "copy.txt").write_bytes(seed.read_bytes())  # the same article twice: indexed once
+    removed = build(config, fake_embedder)
+    assert removed.manifest["changes"]["removed"] == ["new"] and removed.embedded == 0
+    assert {c.doc_id for c in load(config.index_dir).chunks} == {SEED_ID}
+    assert [s.path for s in removed.skipped] == ["copy.txt"]

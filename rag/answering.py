@@ -25,6 +25,7 @@ _ASKS = {
     "where": re.compile(r"哪里|在哪|什么地方|地点|何地|何处"),
     "number": re.compile(r"(?<!哪)(?:多少|几个|几位|几人|几项|几次)"),
     "role": re.compile(r"单位|职务|身份|职位|担任|哪个部门|什么职|什么身份"),
+    "title": re.compile(r"题目|标题|题为|叫什么|什么名字"),
 }
 _WHERE = re.compile(r"在[^，,。；;]{1,20}?(?:举行|召开|举办|进行|开展)|在[\u4e00-\u9fff]{1,12}(?:楼|厅|室|馆|堂|场|中心)")
 _ROLE = re.compile(r"大学|学院|学校|公司|部|处|办|中心|委员会|书记|校长|主任|部长|院长|处长|主席|经理|教授")
@@ -43,6 +44,8 @@ def _has_kind(kind: str, question: str, span: str) -> bool:
         return bool(_WHERE.search(span))
     if kind == "role":
         return bool(_ROLE.search(span))
+    if kind == "title":
+        return "《" in span
     unit = _UNIT.search(question)
     return bool(re.search(_NUMBER + unit.group(1), span) if unit else re.search(r"\d", span))
 

@@ -36,6 +36,8 @@ def test_question_words_match_passage_words(word, passage, expected):
     ("number", "一共有多少人参加？", "共有300余人参加。", True),
     ("who", "谁主持会议？", "党委常委、副校长徐惠钢主持会议。", True),
     ("role", "张振宇是哪个单位的？", "苏州大学党校常务副校长张振宇", True),
+    ("title", "报告的题目是什么？", "王任就如何推进高质量学工体系建设作《通达学情》专题报告。", True),
+    ("title", "报告的题目是什么？", "她指出,“领”字,要突出思想引领。", False),
 ])
 def test_answer_kinds(kind, question, span, expected):
     assert _has_kind(kind, question, span) is expected

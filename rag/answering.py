@@ -321,30 +321,40 @@ class QA:
 class LiveQA:
     """The QA for whatever index version is current, switching when a new build lands.
 
-    A chat in flight keeps the QA it started with; the next call sees the new version. The
-    embedding model is loaded once and shared between versions.
+    A chat in flight keeps the QA it started with; while one thread loads a new version, the others
+    go on answering from the old one. The embedding model is loaded once and shared between versions.
     """
 
     def __init__(self, config: Config, embedder=None):
         import threading
 
         self.config, self._embedder = config, embedder
-        self._lock = threading.Lock()
+        self._loading = threading.Lock()
         self._qa: QA | None = None
         self._target: Path | None = None
 
     def get(self) -> QA:
         """The current QA; raises IndexError_ (with what to do) when there is no usable index."""
-        from .index import current_path
+        from .index import IndexError_, current_path
 
         target = current_path(Path(self.config.index_dir))
-        with self._lock:
-            if self._qa is None or target != self._target:
-                try:
-                    qa = QA.open(self.config, self._embedder)
-                except Exception:
-                    if self._qa is None:
-                        raise
-                    return self._qa  # a version that fails to load never replaces a working one
-                self._qa, self._target, self._embedder = qa, target, qa.retriever.embedder
-            return self._qa
+        qa = self._qa
+        if qa is not None and target == self._target:
+            return qa
+        # Only the first caller waits for a load; later ones keep the old version meanwhile.
+        if not self._loading.acquire(blocking=qa is None):
+            return qa
+        try:
+            if self._qa is not None and target == self._target:
+                return self._qa
+            try:
+                fresh = QA.open(self.config, self._embedder)
+            except (IndexError_, OSError, ValueError, KeyError):
+                if self._qa is None:
+                    raise
+                return self._qa  # a version that fails to load never replaces a working one
+            self._embedder = fresh.retriever.embedder
+            self._qa, self._target = fresh, target  # one assignment each: readers see old or new
+            return fresh
+        finally:
+            self._loading.release()

@@ -241,3 +241,20 @@ def test_incremental_add_edit_delete_reembeds_only_what_changed(built, fake_embe
     assert removed.manifest["changes"]["removed"] == ["new"] and removed.embedded == 0
     assert {c.doc_id for c in load(config.index_dir).chunks} == {SEED_ID}
     assert [s.path for s in removed.skipped] == ["copy.txt"]
+
+
+def test_live_qa_switches_to_a_new_version_and_survives_a_bad_one(built, fake_embedder):
+    from rag.answering import LiveQA
+
+    config, first = built
+    config = config.replace(model=fake_embedder.name)
+    live = LiveQA(config, fake_embedder)
+    old = live.get()
+    assert old.index.version == first.manifest["version"] and live.get() is old
+    second = build(config, fake_embedder)
+    new = live.get()
+    assert new is not old and new.index.version == second.manifest["version"]
+    third = build(config, fake_embedder)
+    (third.path / "manifest.json").write_text("{broken", encoding="utf-8")
+    assert live.get() is new  # the broken version never replaces the working one
+    assert new.ask("王继元讲了什么？").passages

@@ -193,7 +193,7 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
         raise IndexError_(f"--strict: {len(skipped)} file(s) could not be indexed: {names}; the current index is unchanged")
     if not articles:
         raise IndexError_(
-            f"no articles found in {config.corpus_dir} (.txt, .md or .jsonl files); add some and run `rag build` again"
+            f"no articles found in {config.corpus_dir} (.txt, .md, .jsonl, .html or .docx files); add some and run `rag build` again"
         )
     chunks = chunk_corpus(articles, config)
     changes = _document_changes(Path(config.index_dir), articles)

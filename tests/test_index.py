@@ -258,3 +258,15 @@ def test_live_qa_switches_to_a_new_version_and_survives_a_bad_one(built, fake_em
     (third.path / "manifest.json").write_text("{broken", encoding="utf-8")
     assert live.get() is new  # the broken version never replaces the working one
     assert new.ask("王继元讲了什么？").passages
+
+
+def test_validation_checks_checksums_and_finds_chunks_by_themselves(built):
+    from rag.index import validate
+
+    config, report = built
+    assert set(report.manifest["checksums"]) >= {"chunks.jsonl", "dense.faiss", "embeddings.npy", "bm25_matrix.npz"}
+    validate(report.path)
+    with (report.path / "chunks.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write("\n")  # one byte changed: the checksum no longer matches
+    with pytest.raises(IndexError_, match="checksum"):
+        validate(report.path)

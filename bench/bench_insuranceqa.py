@@ -98,48 +98,56 @@ def passage_vectors(embedder, texts: list[str], cache: Path, batch_size: int) ->
     The cache is a folder per (model fingerprint, dtype) of blocks: block-NNNN.npy (vectors), .keys (sha256 of
     each passage) and .json (wall and CPU seconds and tokens it took). Keyed by passage, so a subsample and
     the full set share vectors, and a killed run loses at most the block it was embedding.
-    Returns the vectors and the embedding figures of the blocks that supplied them.
+    Returns the vectors and the embedding figures of the blocks that supplied them, grouped by torch threads.
     """
+    import torch
+
     folder = cache / f"{embedder.fingerprint[:16]}-{embedder.dtype}"
     folder.mkdir(parents=True, exist_ok=True)
     keys = [_sha(t) for t in texts]
-    wanted = {k: i for i, k in enumerate(keys)}
+    where: dict[str, list[int]] = {}  # InsuranceQA has a few answers with the same text: embed them once
+    for i, k in enumerate(keys):
+        where.setdefault(k, []).append(i)
     out = np.zeros((len(texts), embedder.dim), dtype=np.float32)
-    have = np.zeros(len(texts), dtype=bool)
-    stats = {"n": 0, "wall": 0.0, "cpu": 0.0, "tokens": 0, "embedded_now": 0}
+    have: set[str] = set()
+    stats: dict = {"by_threads": {}, "embedded_now": 0}
+
+    def account(meta: dict) -> None:
+        group = stats["by_threads"].setdefault(meta.get("threads"), {"n": 0, "wall": 0.0, "cpu": 0.0, "tokens": 0})
+        for key in group:
+            group[key] += meta[key]
+
     for keys_path in sorted(folder.glob("block-*.keys")):
-        block_keys = keys_path.read_text().split()
-        hits = [(j, wanted[k]) for j, k in enumerate(block_keys) if k in wanted]
+        hits = [(j, k) for j, k in enumerate(keys_path.read_text().split()) if k in where and k not in have]
         if not hits:
             continue
         vecs = np.load(keys_path.with_suffix(".npy"), mmap_mode="r")
-        rows, dest = zip(*hits)
-        out[list(dest)] = vecs[list(rows)]
-        have[list(dest)] = True
-        meta = json.loads(keys_path.with_suffix(".json").read_text())
-        for key in ("n", "wall", "cpu", "tokens"):
-            stats[key] += meta[key]
+        for j, k in hits:
+            out[where[k]] = vecs[j]
+            have.add(k)
+        account(json.loads(keys_path.with_suffix(".json").read_text()))
     # Longest first over everything left, so each block pads to similar lengths (Embedder sorts within a call).
-    todo = sorted((i for i in range(len(texts)) if not have[i]), key=lambda i: -len(texts[i]))
+    todo = sorted((k for k in where if k not in have), key=lambda k: -len(texts[where[k][0]]))
     block = 1024
     for lo in range(0, len(todo), block):
-        idx = todo[lo : lo + block]
-        batch = [texts[i] for i in idx]
+        batch_keys = todo[lo : lo + block]
+        batch = [texts[where[k][0]] for k in batch_keys]
         with Clock() as c:
             vecs = embedder.encode_passages(batch, batch_size=batch_size)
-        tokens = sum(embedder.token_count(t) for t in batch)
+        meta = {"n": len(batch), "wall": c.wall, "cpu": c.cpu, "tokens": sum(embedder.token_count(t) for t in batch),
+                "threads": torch.get_num_threads(), "batch_size": batch_size}
         name = folder / f"block-{time.time_ns()}"
         np.save(name.with_suffix(".tmp.npy"), vecs)
         name.with_suffix(".tmp.npy").replace(name.with_suffix(".npy"))
-        name.with_suffix(".json").write_text(json.dumps({"n": len(idx), "wall": c.wall, "cpu": c.cpu, "tokens": tokens,
-                                                         "batch_size": batch_size}))
-        name.with_suffix(".keys").write_text("\n".join(keys[i] for i in idx) + "\n")  # written last: block complete
-        out[idx] = vecs
-        for key, v in (("n", len(idx)), ("wall", c.wall), ("cpu", c.cpu), ("tokens", tokens), ("embedded_now", len(idx))):
-            stats[key] += v
-        say(f"embedded {lo + len(idx)}/{len(todo)} passages, {len(idx) / c.wall:.1f}/s this block "
-            f"(cpu {c.cpu / c.wall:.2f} cores), ETA {(len(todo) - lo - len(idx)) * c.wall / len(idx) / 60:.1f} min")
-    stats["from_cache"] = len(texts) - stats["embedded_now"]
+        name.with_suffix(".json").write_text(json.dumps(meta))
+        name.with_suffix(".keys").write_text("\n".join(batch_keys) + "\n")  # written last: the block is complete
+        for k, v in zip(batch_keys, vecs):
+            out[where[k]] = v
+        account(meta)
+        stats["embedded_now"] += len(batch)
+        say(f"embedded {lo + len(batch)}/{len(todo)} passages, {len(batch) / c.wall:.1f}/s this block "
+            f"(cpu {c.cpu / c.wall:.2f} cores), ETA {(len(todo) - lo - len(batch)) * c.wall / len(batch) / 60:.1f} min")
+    stats["unique"] = len(where)
     return out, stats
 
 
@@ -241,6 +249,19 @@ def bm25_search_full(bm25: BM25, tokens: list[str], k: int) -> tuple[np.ndarray,
     return top[np.argsort(-s[top], kind="stable")], s
 
 
+def rr10(ranks) -> np.ndarray:
+    ranks = np.asarray(ranks)
+    return np.where((ranks > 0) & (ranks <= 10), 1.0 / np.maximum(ranks, 1), 0.0)
+
+
+def paired_bootstrap(a, b, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of mean(a - b) over questions resampled with replacement (paired: same questions)."""
+    d = np.asarray(a) - np.asarray(b)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    means = d[idx].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
 def print_row(name: str, m: dict) -> None:
     print(f"  {name:44} " + "  ".join(f"{key} {m[key]:.3f}" for key in ("R@1", "R@5", "R@10", "MRR@10")))
 
@@ -319,8 +340,10 @@ def main() -> None:
         for key, v in (("dense", w1 - w0), ("bm25", w2 - w1), ("fuse", w3 - w2), ("total", w3 - w0), ("cpu", c3 - c0)):
             lat[key].append(v * 1000)
     tgold = [set(g) for _, g in test]
-    t_dense = metrics([first_gold_rank(c.dense_ids, g) for c, g in zip(tcands, tgold)])
-    t_bm25 = metrics([first_gold_rank(c.bm25_ids, g) for c, g in zip(tcands, tgold)])
+    t_dense_ranks = [first_gold_rank(c.dense_ids, g) for c, g in zip(tcands, tgold)]
+    t_bm25_ranks = [first_gold_rank(c.bm25_ids, g) for c, g in zip(tcands, tgold)]
+    t_fused_ranks = [first_gold_rank(fused_order(c, chosen), g) for c, g in zip(tcands, tgold)]
+    t_dense, t_bm25 = metrics(t_dense_ranks), metrics(t_bm25_ranks)
     t_scores = score_settings(tcands, tgold, list(dict.fromkeys([default, best_rrf, best_convex])))
 
     # ------------------------------------------------------------------ report
@@ -329,20 +352,24 @@ def main() -> None:
           f"characters), {len(valid)} valid / {len(test)} test questions")
     print(f"embedder             {embedder!r}, batch size {args.batch_size}")
     print(f"model load           {load_c.wall:.1f} s wall, {load_c.cpu:.1f} s CPU")
-    # Rates come from the blocks that supplied the vectors (embedded now or in an earlier run, whole blocks).
-    rate, trate = emb["n"] / emb["wall"], emb["tokens"] / emb["wall"]
-    # Time to embed all n passages at that token rate (their own token count, not the blocks').
-    embed_w, embed_c = all_tokens / trate, all_tokens * emb["cpu"] / emb["tokens"]
-    print(f"embed passages       {embed_w:.1f} s wall, {embed_c:.1f} s CPU for {n:,} passages of {all_tokens / n:.0f} "
-          f"tokens: {n / embed_w:.1f} passages/s, {trate:.0f} tokens/s, CPU/wall {emb['cpu'] / emb['wall']:.2f} "
-          f"[{emb['embedded_now']} embedded in this run, {emb['from_cache']} from {args.cache}; rates measured over "
-          f"{emb['n']} passages of {emb['tokens'] / emb['n']:.0f} tokens]")
+    # Rates come from the blocks that supplied the vectors (embedded now or in an earlier run), per torch thread
+    # count; the time to embed all n passages is their token count at that rate.
+    print(f"embed passages       {emb['embedded_now']} embedded in this run, {emb['unique'] - emb['embedded_now']} from "
+          f"{args.cache} ({emb['unique']:,} distinct texts, {all_tokens / n:.0f} tokens each)")
+    for threads, g in sorted(emb["by_threads"].items(), key=lambda kv: str(kv[0])):
+        w, c = all_tokens / (g["tokens"] / g["wall"]), all_tokens * g["cpu"] / g["tokens"]
+        print(f"  torch threads {threads}: {g['tokens'] / g['wall']:.0f} tokens/s, CPU/wall {g['cpu'] / g['wall']:.2f} "
+              f"over {g['n']} passages of {g['tokens'] / g['n']:.0f} tokens -> all {n:,}: {w:.0f} s wall, {c:.0f} s CPU, "
+              f"{n / w:.1f} passages/s")
+    best = max(emb["by_threads"].values(), key=lambda g: g["tokens"] / g["wall"])
+    embed_w, embed_c = all_tokens * best["wall"] / best["tokens"], all_tokens * best["cpu"] / best["tokens"]
     print(f"tokenize (jieba)     {tok_c.wall:.1f} s wall, {tok_c.cpu:.1f} s CPU")
     print(f"BM25 build           {bm25_c.wall:.1f} s wall, {bm25_c.cpu:.1f} s CPU")
     print(f"FAISS flat build     {faiss_c.wall:.2f} s wall")
     build_w = embed_w + tok_c.wall + bm25_c.wall + faiss_c.wall
     build_c = embed_c + tok_c.cpu + bm25_c.cpu + faiss_c.cpu
-    print(f"build total          {build_w:.1f} s wall, {build_c:.1f} s CPU, {n / build_w:.1f} passages/s")
+    print(f"build total          {build_w:.1f} s wall, {build_c:.1f} s CPU, {n / build_w:.1f} passages/s "
+          "(embedding at the fastest rate above)")
     pct = lambda key, p: np.percentile(lat[key], p)  # noqa: E731
     print(f"query latency (ms, one at a time, {len(test)} test questions)")
     for key, label in (("dense", "dense (embed + FAISS)"), ("bm25", "BM25 (tokenize + search)"),
@@ -367,6 +394,11 @@ def main() -> None:
     print_row("best RRF on valid", t_scores[best_rrf])
     print_row("best convex on valid", t_scores[best_convex])
     print_row("FUSED (chosen on valid)", t_scores[chosen])
+    rr_f, rr_d, rr_b = rr10(t_fused_ranks), rr10(t_dense_ranks), rr10(t_bm25_ranks)
+    for other, rr_o in (("dense", rr_d), ("BM25", rr_b)):
+        lo, hi = paired_bootstrap(rr_f, rr_o)
+        print(f"fused - {other:5}        MRR@10 {rr_f.mean() - rr_o.mean():+.4f} (95% paired bootstrap {lo:+.4f} .. {hi:+.4f}); "
+              f"reciprocal rank higher on {int((rr_f > rr_o).sum())} questions, lower on {int((rr_f < rr_o).sum())}")
     print(f"best RRF on valid    {describe(best_rrf)}")
     print(f"best convex on valid {describe(best_convex)}")
     print(f"chosen fusion        {describe(chosen)}")

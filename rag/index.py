@@ -212,7 +212,9 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
             vectors[i] = reuse[h]
     if todo:
         say(f"embedding {len(todo)} chunks ({len(chunks) - len(todo)} reused)")
-        vectors[todo] = embedder.encode_passages([chunks[i].search_text for i in todo], progress=say)
+        vectors[todo] = embedder.encode_passages(
+            [chunks[i].search_text for i in todo], batch_size=config.embed_batch_size, progress=say
+        )
 
     manifest = {
         "format_version": FORMAT_VERSION,

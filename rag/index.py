@@ -145,7 +145,7 @@ def _previous_vectors(index_dir: Path, fingerprint: str) -> dict[str, np.ndarray
     return {h: vectors[i] for i, h in enumerate(hashes)}
 
 
-def _document_changes(index_dir: Path, articles) -> dict[str, list[str]]:
+def document_changes(index_dir: Path, articles) -> dict[str, list[str]]:
     """doc_ids added, changed, removed and unchanged since the current version."""
     path = current_path(index_dir)
     before: dict[str, str] = {}
@@ -196,7 +196,7 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
             f"no articles found in {config.corpus_dir} (.txt, .md, .jsonl, .html or .docx files); add some and run `rag build` again"
         )
     chunks = chunk_corpus(articles, config)
-    changes = _document_changes(Path(config.index_dir), articles)
+    changes = document_changes(Path(config.index_dir), articles)
     say(f"parsed {len(articles)} articles into {len(chunks)} chunks ("
         + ", ".join(f"{len(v)} {k}" for k, v in changes.items()) + ")")
     terms = corpus_terms(articles, chunks)

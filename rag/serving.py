@@ -10,7 +10,7 @@ from typing import Callable
 from .chunking import CHUNKER_VERSION
 from .config import Config
 from .corpus import CorpusError, load_corpus
-from .index import FORMAT_VERSION, BuildReport, IndexError_, build, current_path
+from .index import FORMAT_VERSION, BuildReport, IndexError_, build, current_path, document_changes
 
 
 def stale_reasons(config: Config, embedder) -> list[str]:
@@ -41,11 +41,8 @@ def stale_reasons(config: Config, embedder) -> list[str]:
         articles, _ = load_corpus(Path(config.corpus_dir), config)
     except CorpusError as e:
         return reasons + [str(e)]
-    now = {a.doc_id: a.content_hash for a in articles}
-    then = {d["doc_id"]: d["content_hash"] for d in manifest.get("documents", [])}
-    added = len(now.keys() - then.keys())
-    removed = len(then.keys() - now.keys())
-    changed = sum(1 for k in now.keys() & then.keys() if now[k] != then[k])
+    changes = document_changes(Path(config.index_dir), articles)
+    added, changed, removed = (len(changes[k]) for k in ("added", "changed", "removed"))
     if added or removed or changed:
         reasons.append(f"corpus changed: {added} added, {changed} changed, {removed} removed")
     return reasons

@@ -13,7 +13,7 @@ Data: `insuranceqa-data==1.2` (pip install insuranceqa-data==1.2): 27,413 answer
   for passages and questions alike, as rag.retrieval.Retriever does.
 - Fusion: weighted RRF exactly as rag.retrieval.rrf over each retriever's top candidate_k, and a convex combination
   of min-max normalised scores (alpha * dense + (1 - alpha) * bm25) over the same candidates. Grids are searched on
-  the valid split by MRR@10; the best of each family, the project default (1, 1, 60, 30) and the overall choice
+  the valid split by MRR@10; the best of each family, the project default (Config's fusion) and the overall choice
   are then scored on test.
 - Metrics: R@k is the fraction of questions with at least one gold answer in the top k (questions have 1.65 gold
   answers on average); MRR@10 is the mean of 1/rank of the first gold answer in the top 10 (0 beyond).
@@ -38,7 +38,8 @@ import numpy as np
 from rag.config import Config
 from rag.embedding import load_embedder
 from rag.index import make_dense_index
-from rag.lexical import BM25, ChineseTokenizer
+from rag.lexical import BM25, ChineseTokenizer, top_k
+from rag.retrieval import convex
 
 DEPTH = 100  # candidates kept per retriever per question; the grid's candidate_k values are <= this
 KS = (1, 5, 10)
@@ -193,16 +194,11 @@ def fuse_rrf(c: Candidates, cand_k: int, wd: float, wb: float, k: float) -> np.n
 
 
 def fuse_convex(c: Candidates, cand_k: int, alpha: float) -> np.ndarray:
-    """Ids by alpha * minmax(cosine) + (1 - alpha) * minmax(BM25) over the union of both lists' top cand_k."""
+    """Ids by rag.retrieval.convex (alpha * minmax(cosine) + (1 - alpha) * minmax(BM25)) over the union of both
+    lists' top cand_k, in the Retriever's candidate order (dense first, then BM25-only)."""
     ids = list(dict.fromkeys([*c.dense_ids[:cand_k].tolist(), *c.bm25_ids[:cand_k].tolist()]))
-    cos = np.array([c.cos[i] for i in ids])
-    bm = np.array([c.bm[i] for i in ids])
-
-    def minmax(x):
-        span = x.max() - x.min()
-        return (x - x.min()) / span if span > 0 else np.zeros_like(x)
-
-    score = alpha * minmax(cos) + (1 - alpha) * minmax(bm)
+    fused = convex({i: c.cos[i] for i in ids}, {i: c.bm[i] for i in ids}, [alpha, 1 - alpha])
+    score = np.array([fused[i] for i in ids])
     return np.asarray(ids)[np.argsort(-score, kind="stable")]
 
 
@@ -240,13 +236,9 @@ def score_settings(cands: list[Candidates], golds: list[set[int]], settings: lis
 
 def bm25_search_full(bm25: BM25, tokens: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
     """BM25.search's top-k (same selection, score-0 documents left out) plus the full score vector,
-    which the convex fusion needs for dense-only candidates; one pass over the postings, not two."""
+    which the convex fusion needs for dense-only candidates, as rag.retrieval.Retriever does."""
     s = bm25.scores(tokens)
-    k = min(k, int((s > 0).sum()))
-    if k == 0:
-        return np.zeros(0, dtype=np.int64), s
-    top = np.argpartition(-s, k - 1)[:k]
-    return top[np.argsort(-s[top], kind="stable")], s
+    return top_k(s, k), s
 
 
 def rr10(ranks) -> np.ndarray:
@@ -309,10 +301,15 @@ def main() -> None:
         bids, full = bm25_search_full(bm25, tokenizer.tokenize(q, search=True), DEPTH)
         vcands.append(Candidates(dids[dids >= 0], bids, vectors, qv, full))
     vgold = [set(g) for _, g in valid]
-    default = ("rrf", config.candidate_k, config.dense_weight, config.bm25_weight, config.rrf_k)
+    if config.fusion == "rrf":
+        default = ("rrf", config.candidate_k, config.dense_weight, config.bm25_weight, config.rrf_k)
+    else:
+        default = ("convex", config.candidate_k, config.dense_weight / (config.dense_weight + config.bm25_weight))
+    grids = {"rrf": list(rrf_grid()), "convex": list(convex_grid())}
+    grids[default[0]].append(default)
     with Clock() as grid_c:
-        rrf_scores = score_settings(vcands, vgold, [*rrf_grid(), default])
-        convex_scores = score_settings(vcands, vgold, list(convex_grid()))
+        rrf_scores = score_settings(vcands, vgold, grids["rrf"])
+        convex_scores = score_settings(vcands, vgold, grids["convex"])
     say(f"grid of {len(rrf_scores) + len(convex_scores)} settings scored on valid in {grid_c.wall:.1f} s")
     best_rrf = max(rrf_scores, key=lambda s: (rrf_scores[s]["MRR@10"], rrf_scores[s]["R@10"]))
     best_convex = max(convex_scores, key=lambda s: (convex_scores[s]["MRR@10"], convex_scores[s]["R@10"]))
@@ -375,10 +372,11 @@ def main() -> None:
     for key, label in (("dense", "dense (embed + FAISS)"), ("bm25", "BM25 (tokenize + search)"),
                        ("fuse", "fusion"), ("total", "fused query, wall"), ("cpu", "fused query, CPU")):
         print(f"  {label:26} p50 {pct(key, 50):7.2f}  p95 {pct(key, 95):7.2f}")
-    print(f"valid split (grid of {len(rrf_scores) - 1} RRF + {len(convex_scores)} convex settings, chosen by MRR@10)")
+    print(f"valid split (grid of {len(rrf_scores)} RRF + {len(convex_scores)} convex settings, chosen by MRR@10); "
+          f"project default: {describe(default)}")
     print_row("BM25 alone", v_bm25)
     print_row("dense alone", v_dense)
-    print_row("default RRF (1, 1, k=60, candidate_k=30)", allv[default])
+    print_row("project default", allv[default])
     print_row("best RRF", allv[best_rrf])
     print_row("best convex", allv[best_convex])
     print("  top 5 RRF settings on valid:")
@@ -390,7 +388,7 @@ def main() -> None:
     print("test split")
     print_row("BM25 alone", t_bm25)
     print_row("dense alone", t_dense)
-    print_row("default RRF (1, 1, k=60, candidate_k=30)", t_scores[default])
+    print_row("project default", t_scores[default])
     print_row("best RRF on valid", t_scores[best_rrf])
     print_row("best convex on valid", t_scores[best_convex])
     print_row("FUSED (chosen on valid)", t_scores[chosen])

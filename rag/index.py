@@ -7,6 +7,7 @@ Layout (a folder a person can open):
     index/versions/<id>/documents.jsonl one Article per line with its full text (citation offsets point here)
     index/versions/<id>/dense.faiss     inner-product index over normalised embeddings
     index/versions/<id>/embeddings.npy  the same vectors, reused by the next build for unchanged chunks
+    index/versions/<id>/chunk_hashes.jsonl  per chunk: search_text hash and BM25 tokens, reused by the next build
     index/versions/<id>/bm25_*          BM25 vocabulary, idf and weights; lexicon.txt the added jieba words
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 from .chunking import CHUNKER_VERSION, Chunk, chunk_corpus, corpus_terms
 from .config import Config
 from .corpus import Skipped, load_corpus
-from .lexical import BM25, ChineseTokenizer
+from .lexical import BM25, TOKENIZER_VERSION, ChineseTokenizer
 
 FORMAT_VERSION = 1
 KEEP_VERSIONS = 3  # old versions kept for rollback
@@ -129,20 +130,48 @@ def make_dense_index(vectors: np.ndarray, kind: str, config: Config):
     return index
 
 
-def _previous_vectors(index_dir: Path, fingerprint: str) -> dict[str, np.ndarray]:
-    """search_text hash -> vector from the current version, if it was built with the same model."""
+@dataclass
+class _Previous:
+    """What the current version lets a build reuse, by chunk search_text hash."""
+
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)  # only when built with the same model
+    tokens: dict[str, list[str]] = field(default_factory=dict)  # only when tokenized the same way
+    terms: set[str] = field(default_factory=set)  # the lexicon those tokens were made with
+
+
+def _previous(index_dir: Path, fingerprint: str) -> _Previous:
     path = current_path(index_dir)
     if not path or not (path / "embeddings.npy").exists():
-        return {}
+        return _Previous()
     try:
         manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        if manifest.get("model", {}).get("fingerprint") != fingerprint:
-            return {}
-        vectors = np.load(path / "embeddings.npy", mmap_mode="r")
-        hashes = [json.loads(line)["hash"] for line in (path / "chunk_hashes.jsonl").open(encoding="utf-8")]
+        rows = [json.loads(line) for line in (path / "chunk_hashes.jsonl").open(encoding="utf-8")]
+        prev = _Previous()
+        if manifest.get("model", {}).get("fingerprint") == fingerprint:
+            vectors = np.load(path / "embeddings.npy", mmap_mode="r")
+            prev.vectors = {r["hash"]: vectors[i] for i, r in enumerate(rows)}
+        same_tokenizer = (manifest.get("tokenizer_version") == TOKENIZER_VERSION
+                          and manifest.get("libraries", {}).get("jieba") == _versions().get("jieba"))
+        if same_tokenizer and all("tokens" in r for r in rows):
+            prev.tokens = {r["hash"]: r["tokens"] for r in rows}
+            prev.terms = set((path / "lexicon.txt").read_text(encoding="utf-8").split())
     except (OSError, ValueError, KeyError):
-        return {}  # an unreadable old version only costs re-embedding
-    return {h: vectors[i] for i, h in enumerate(hashes)}
+        return _Previous()  # an unreadable old version only costs re-embedding and re-tokenizing
+    return prev
+
+
+def _tokens(chunks: list[Chunk], hashes: list[str], tokenizer: ChineseTokenizer, prev: _Previous) -> tuple[list, int]:
+    """BM25 tokens of every chunk, reused from the previous version where they cannot have changed;
+    also returns how many chunks were tokenized anew."""
+    changed_terms = prev.terms ^ set(tokenizer.terms)
+    out, fresh = [], 0
+    for c, h in zip(chunks, hashes):
+        tokens = prev.tokens.get(h)
+        if tokens is None or (changed_terms and tokenizer.may_change(c.search_text, changed_terms)):
+            tokens = tokenizer.tokenize(c.search_text, search=True)
+            fresh += 1
+        out.append(tokens)
+    return out, fresh
 
 
 def document_changes(index_dir: Path, articles) -> dict[str, list[str]]:
@@ -199,12 +228,15 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
     changes = document_changes(Path(config.index_dir), articles)
     say(f"parsed {len(articles)} articles into {len(chunks)} chunks ("
         + ", ".join(f"{len(v)} {k}" for k, v in changes.items()) + ")")
+    hashes = [_sha(c.search_text) for c in chunks]
+    prev = _previous(Path(config.index_dir), embedder.fingerprint)
     terms = corpus_terms(articles, chunks)
     tokenizer = ChineseTokenizer(terms)
-    bm25 = BM25.build([tokenizer.tokenize(c.search_text, search=True) for c in chunks])
+    tokens, tokenized = _tokens(chunks, hashes, tokenizer, prev)
+    say(f"tokenized {tokenized} chunks ({len(chunks) - tokenized} reused)")
+    bm25 = BM25.build(tokens)
 
-    hashes = [_sha(c.search_text) for c in chunks]
-    reuse = _previous_vectors(Path(config.index_dir), embedder.fingerprint)
+    reuse = prev.vectors
     todo = [i for i, h in enumerate(hashes) if h not in reuse]
     vectors = np.zeros((len(chunks), embedder.dim), dtype=np.float32)
     for i, h in enumerate(hashes):
@@ -223,6 +255,7 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
         "config": config.to_json(),
         "model": {"name": embedder.name, "dim": embedder.dim, "fingerprint": embedder.fingerprint},
         "chunker_version": CHUNKER_VERSION,
+        "tokenizer_version": TOKENIZER_VERSION,
         "dense_index": dense_index_kind(config, len(chunks)),
         "libraries": _versions(),
         "documents": [
@@ -232,15 +265,16 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
         "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
         "changes": changes,
         "counts": {"documents": len(articles), "chunks": len(chunks), "embedded": len(todo),
-                   "reused": len(chunks) - len(todo), "lexicon": len(terms)},
+                   "reused": len(chunks) - len(todo), "tokenized": tokenized, "lexicon": len(terms)},
         "build_seconds": None,
     }
-    path = _write_version(Path(config.index_dir), manifest, config, articles, chunks, hashes, vectors, bm25, terms, t0)
+    path = _write_version(Path(config.index_dir), manifest, config, articles, chunks, hashes, tokens, vectors, bm25,
+                          terms, t0)
     say(f"index {manifest['version']} ready: {len(articles)} documents, {len(chunks)} chunks")
     return BuildReport(path, manifest, skipped, len(todo), len(chunks) - len(todo), time.perf_counter() - t0)
 
 
-def _write_version(index_dir, manifest, config, articles, chunks, hashes, vectors, bm25, terms, t0) -> Path:
+def _write_version(index_dir, manifest, config, articles, chunks, hashes, tokens, vectors, bm25, terms, t0) -> Path:
     import faiss
 
     versions = index_dir / "versions"
@@ -251,8 +285,8 @@ def _write_version(index_dir, manifest, config, articles, chunks, hashes, vector
         for c in chunks:
             fh.write(json.dumps(c.to_json(), ensure_ascii=False) + "\n")
     with (tmp / "chunk_hashes.jsonl").open("w", encoding="utf-8") as fh:
-        for c, h in zip(chunks, hashes):
-            fh.write(json.dumps({"chunk_id": c.chunk_id, "hash": h}) + "\n")
+        for c, h, t in zip(chunks, hashes, tokens):
+            fh.write(json.dumps({"chunk_id": c.chunk_id, "hash": h, "tokens": t}, ensure_ascii=False) + "\n")
     with (tmp / "documents.jsonl").open("w", encoding="utf-8") as fh:
         for a in articles:
             fh.write(json.dumps(a.to_json(), ensure_ascii=False) + "\n")

@@ -18,6 +18,9 @@ STOPWORDS = frozenset(
     一共 所 着 过 得 地 或 中 关于 有关 对于 几位 几个 多少 哪种 怎样的 哪方面 哪几个""".split()
 )
 _WORD = re.compile(r"[\w\u4e00-\u9fff]")
+# Bump when tokenize() changes (stopwords, normalisation, jieba settings): tokens an index keeps for reuse are
+# then redone by the next build.
+TOKENIZER_VERSION = 1
 
 
 class ChineseTokenizer:
@@ -32,9 +35,26 @@ class ChineseTokenizer:
         jieba.setLogLevel(60)
         self.terms = sorted(set(terms))
         self._jieba = jieba.Tokenizer()  # our own dictionary, not jieba's global one
+        self._jieba.initialize()
+        total = self._jieba.total
         for term in self.terms:
             # A high frequency makes jieba prefer the whole term over its parts.
             self._jieba.add_word(term, freq=max(1000, 200 * len(term)))
+        # add_word raises the dictionary total, which every word's log-probability divides by. Keeping it fixed
+        # means a text's tokens change only when it contains a term that was added or removed, so a build can
+        # reuse the tokens of unchanged chunks whatever else changed in the lexicon (see may_change).
+        self._jieba.total = total
+
+    @staticmethod
+    def normalize(text: str) -> str:
+        return unicodedata.normalize("NFKC", text).lower()
+
+    @staticmethod
+    def may_change(text: str, terms) -> bool:
+        """Whether adding or removing `terms` from the lexicon can change the tokens of `text`:
+        jieba's word graph over a text only gains or loses a word where the text contains it."""
+        norm = ChineseTokenizer.normalize(text)
+        return any(t in norm for t in terms)
 
     def tokenize(self, text: str, search: bool = False) -> list[str]:
         """Content tokens; `search=True` adds the words inside long words, for recall in BM25.
@@ -42,9 +62,18 @@ class ChineseTokenizer:
         With search=True, "主持会议" gives ["主持", "会议", "主持会议"], so "谁主持" finds it; the answerer
         uses search=False, where "副校长" stays one word and does not answer a question about "校长".
         """
-        text = unicodedata.normalize("NFKC", text).lower()
+        text = self.normalize(text)
         words = self._jieba.cut_for_search(text) if search else self._jieba.cut(text)
         return [t for t in (w.strip() for w in words) if t and t not in STOPWORDS and _WORD.search(t)]
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest positive scores, best first (ties in index order)."""
+    k = min(k, int((scores > 0).sum()))
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    top = np.argpartition(-scores, k - 1)[:k]
+    return top[np.argsort(-scores[top], kind="stable")]
 
 
 class BM25:
@@ -92,11 +121,7 @@ class BM25:
     def search(self, query: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (indices, scores), best first; documents with score 0 are left out."""
         s = self.scores(query)
-        k = min(k, int((s > 0).sum()))
-        if k == 0:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        top = np.argpartition(-s, k - 1)[:k]
-        top = top[np.argsort(-s[top], kind="stable")]
+        top = top_k(s, k)
         return top, s[top]
 
     def idf_of(self, tok: str) -> float:

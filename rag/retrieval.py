@@ -1,19 +1,22 @@
-"""Question -> ranked Hits: dense (FAISS) and BM25 fused by weighted reciprocal rank, with filters."""
+"""Question -> ranked Hits: dense (FAISS) and BM25 fused (convex min-max or weighted reciprocal rank), with filters."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .chunking import Chunk, normalize
 from .config import Config
 from .index import Index
+from .lexical import top_k
 
 
 @dataclass(frozen=True)
 class Hit:
     chunk: Chunk
     score: float  # fused score, higher is better
-    dense_score: float | None  # cosine similarity, when the dense retriever found it
-    bm25_score: float | None  # BM25 score, when the lexical retriever found it
+    dense_score: float | None  # cosine similarity to the question
+    bm25_score: float | None  # BM25 score (None: the chunk shares no token with the question, under RRF)
 
     def to_json(self) -> dict:
         c = self.chunk
@@ -56,6 +59,23 @@ def rrf(rankings: list[list[int]], weights: list[float], k: int = 60) -> dict[in
     return fused
 
 
+def convex(dense: dict[int, float], lexical: dict[int, float], weights: list[float]) -> dict[int, float]:
+    """Weighted mean of min-max normalised scores over the candidates (Bruch, Gai & Ingber 2023).
+
+    Both dicts hold a score for every candidate: cosine and BM25.
+    convex({1: 0.9, 2: 0.8}, {1: 0.0, 2: 4.0}, [0.8, 0.2]) -> {1: 0.8, 2: 0.2}
+    """
+    ids = list(dense)
+    total = sum(weights) or 1.0
+    out = np.zeros(len(ids))
+    for scores, w in zip((dense, lexical), weights):
+        x = np.array([scores[i] for i in ids], dtype=np.float64)
+        span = x.max() - x.min() if len(x) else 0.0
+        if span > 0:
+            out += (w / total) * (x - x.min()) / span
+    return dict(zip(ids, out.tolist()))
+
+
 def named_speakers(question: str, speakers: list[str]) -> list[str]:
     """Speakers whose name the question contains: named_speakers("王任说了什么", ["王任", "李俊峰"]) -> ["王任"]."""
     q = normalize(question)
@@ -79,10 +99,16 @@ class Retriever:
         qvec = self.embedder.encode_queries([question])
         dscores, dids = index.search_dense(qvec, depth)
         dense = {int(i): float(s) for i, s in zip(dids[0], dscores[0]) if i >= 0 and allowed(int(i))}
-        bids, bscores = index.bm25.search(index.tokenizer.tokenize(question, search=True), depth)
-        lexical = {int(i): float(s) for i, s in zip(bids, bscores) if allowed(int(i))}
-
-        fused = rrf([list(dense), list(lexical)], [cfg.dense_weight, cfg.bm25_weight], cfg.rrf_k)
+        bm25_all = index.bm25.scores(index.tokenizer.tokenize(question, search=True))
+        bids = top_k(bm25_all, depth)
+        lexical = {int(i): float(bm25_all[i]) for i in bids if allowed(int(i))}
+        weights = [cfg.dense_weight, cfg.bm25_weight]
+        if cfg.fusion == "rrf":
+            fused = rrf([list(dense), list(lexical)], weights, cfg.rrf_k)
+        else:  # convex: both scores of every candidate, found by one retriever or both
+            union = list(dict.fromkeys([*dense, *lexical]))
+            self._add_cosines(dense, union, qvec)
+            fused = convex(dense, {i: float(bm25_all[i]) for i in union}, weights)
         named = set(named_speakers(question, self._speakers))
         if named and fused:
             # A question that names a speaker is about that speaker's segments first.
@@ -94,8 +120,11 @@ class Retriever:
                     fused[i] += bonus
         order = sorted(fused, key=lambda i: -fused[i])[:k]
         # Every hit gets its cosine, found by BM25 alone or not: the answerer weighs meaning too.
-        missing = [i for i in order if i not in dense]
-        if missing:
-            dense.update(zip(missing, (index.vectors(missing) @ qvec[0]).tolist()))
-        return [Hit(index.chunks[i], fused[i], dense[i], lexical.get(i)) for i in order]
+        self._add_cosines(dense, order, qvec)
+        return [Hit(index.chunks[i], fused[i], dense[i], float(bm25_all[i]) if bm25_all[i] > 0 else None)
+                for i in order]
 
+    def _add_cosines(self, dense: dict[int, float], ids: list[int], qvec: np.ndarray) -> None:
+        missing = [i for i in ids if i not in dense]
+        if missing:
+            dense.update(zip(missing, (self.index.vectors(missing) @ qvec[0]).tolist()))

@@ -6,7 +6,7 @@ import pytest
 
 from rag.config import Config
 from rag.index import FORMAT_VERSION, IndexError_, build, build_lock, load
-from rag.retrieval import Retriever, rrf
+from rag.retrieval import Retriever, convex, rrf
 
 from .conftest import SEED_ID
 
@@ -108,6 +108,28 @@ def test_rrf_fuses_rankings():
     assert max(fused, key=fused.get) == 3
     weighted = rrf([[7, 3], [3]], [2.0, 0.01], k=60)
     assert max(weighted, key=weighted.get) == 7
+
+
+def test_convex_fusion_weighs_normalised_scores():
+    cos = {1: 0.90, 2: 0.80, 3: 0.85}
+    bm = {1: 0.0, 2: 8.0, 3: 2.0}
+    fused = convex(cos, bm, [0.8, 0.2])
+    assert fused == pytest.approx({1: 0.8, 2: 0.2, 3: 0.8 * 0.5 + 0.2 * 0.25})
+    # Only the ratio of the weights matters, and a retriever whose scores are all equal adds nothing.
+    assert convex(cos, bm, [4.0, 1.0]) == pytest.approx(fused)
+    assert convex(cos, {1: 1.0, 2: 1.0, 3: 1.0}, [0.5, 0.5]) == pytest.approx({1: 0.5, 2: 0.0, 3: 0.25})
+    assert convex({}, {}, [0.8, 0.2]) == {}
+
+
+def test_retriever_fusions_rank_the_chunk_both_retrievers_agree_on(built, fake_embedder):
+    config, _ = built
+    index = load(config.index_dir)
+    target = next(c for c in index.chunks if c.kind == "speech" and len(c.text) > 60)
+    for fusion in ("convex", "rrf"):
+        hits = Retriever(index, fake_embedder, config.replace(fusion=fusion)).search(target.text[10:50], k=5)
+        assert hits[0].chunk.chunk_id == target.chunk_id, fusion
+        assert all(h.dense_score is not None for h in hits) and hits[0].bm25_score > 0
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
 def test_versions_list_and_rollback(built, fake_embedder):
@@ -241,6 +263,25 @@ def test_incremental_add_edit_delete_reembeds_only_what_changed(built, fake_embe
     assert removed.manifest["changes"]["removed"] == ["new"] and removed.embedded == 0
     assert {c.doc_id for c in load(config.index_dir).chunks} == {SEED_ID}
     assert [s.path for s in removed.skipped] == ["copy.txt"]
+
+
+def test_incremental_build_reuses_tokens_and_equals_a_full_build(built, fake_embedder, tmp_path):
+    config, first = built
+    assert first.manifest["counts"]["tokenized"] == first.manifest["counts"]["chunks"]
+    (config.corpus_dir / "new.txt").write_text(
+        "图书馆举办读书日活动\n4月23日,图书馆在慎行楼举办读书日活动。李馆长在会上作《阅读与成长》主题发言。",
+        encoding="utf-8")
+    again = build(config, fake_embedder)
+    counts = again.manifest["counts"]
+    new_chunks = [c for c in load(config.index_dir).chunks if c.doc_id == "new"]
+    assert len(new_chunks) <= counts["tokenized"] < counts["chunks"]
+
+    fresh = config.replace(index_dir=tmp_path / "fresh")
+    build(fresh, fake_embedder)
+    rows = lambda cfg: (cfg.index_dir / "current" / "chunk_hashes.jsonl").read_text(encoding="utf-8")  # noqa: E731
+    assert rows(config) == rows(fresh)  # same hashes and the same tokens, chunk by chunk
+    for name in ("bm25_vocab.json", "lexicon.txt"):
+        assert (config.index_dir / "current" / name).read_bytes() == (fresh.index_dir / "current" / name).read_bytes()
 
 
 def test_live_qa_switches_to_a_new_version_and_survives_a_bad_one(built, fake_embedder):

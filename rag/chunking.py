@@ -236,12 +236,9 @@ def chunk_article(article: Article, config: Config) -> list[Chunk]:
     return chunks
 
 
-def chunk_corpus(articles: list[Article], config: Config) -> list[Chunk]:
-    return [c for a in articles for c in chunk_article(a, config)]
-
-
-def corpus_terms(articles: list[Article], chunks: list[Chunk]) -> list[str]:
-    """Words the Chinese tokenizer must keep whole: speakers, roles, report titles, venues."""
+def article_terms(article: Article, chunks: list[Chunk]) -> list[str]:
+    """Words of one article the Chinese tokenizer must keep whole: speakers, roles, report titles, venues,
+    names in the overview and the credits."""
     terms: set[str] = set()
     for c in chunks:
         for value in (c.speaker, c.report_title):
@@ -249,10 +246,9 @@ def corpus_terms(articles: list[Article], chunks: list[Chunk]) -> list[str]:
                 terms.update(_PHRASE_SPLIT.split(normalize(value)))
         if c.role:
             terms.update(p for p in re.split(r"[、,，\s]", normalize(c.role)) if len(p) >= 2)
-    for a in articles:
-        for p in a.paragraphs[:1]:
-            overview = normalize(a.text[p.start : p.end])
-            terms.update(find_names(overview))
-            terms.update(m.group(1) for m in _VENUE.finditer(overview))
-        terms.update(normalize(name) for _, name in a.credits)
+    for p in article.paragraphs[:1]:
+        overview = normalize(article.text[p.start : p.end])
+        terms.update(find_names(overview))
+        terms.update(m.group(1) for m in _VENUE.finditer(overview))
+    terms.update(normalize(name) for _, name in article.credits)
     return sorted(t for t in terms if 2 <= len(t) <= 40)

@@ -8,6 +8,8 @@ Layout (a folder a person can open):
     index/versions/<id>/dense.faiss     inner-product index over normalised embeddings
     index/versions/<id>/embeddings.npy  the same vectors, reused by the next build for unchanged chunks
     index/versions/<id>/chunk_hashes.jsonl  per chunk: search_text hash and BM25 tokens, reused by the next build
+    index/versions/<id>/article_terms.jsonl per article: a hash of the parsed article and its lexicon words, so the
+                                        next build reuses its chunks (from chunks.jsonl) when it is unchanged
     index/versions/<id>/bm25_*          BM25 vocabulary, idf and weights; lexicon.txt the added jieba words
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from .chunking import CHUNKER_VERSION, Chunk, chunk_corpus, corpus_terms
+from .chunking import CHUNKER_VERSION, Chunk, article_terms, chunk_article
 from .config import Config
 from .corpus import Skipped, load_corpus
 from .lexical import BM25, TOKENIZER_VERSION, ChineseTokenizer
@@ -134,12 +136,18 @@ def make_dense_index(vectors: np.ndarray, kind: str, config: Config):
 class _Previous:
     """What the current version lets a build reuse, by chunk search_text hash."""
 
+    articles: dict[str, tuple[list[Chunk], list[str]]] = field(default_factory=dict)  # article key -> chunks, terms
     vectors: dict[str, np.ndarray] = field(default_factory=dict)  # only when built with the same model
     tokens: dict[str, list[str]] = field(default_factory=dict)  # only when tokenized the same way
     terms: set[str] = field(default_factory=set)  # the lexicon those tokens were made with
 
 
-def _previous(index_dir: Path, fingerprint: str) -> _Previous:
+def _article_key(article) -> str:
+    """Hash of everything chunking reads from an article: text, title, date, credits, spans, path."""
+    return _sha(json.dumps(article.to_json(), ensure_ascii=False, sort_keys=True))
+
+
+def _previous(index_dir: Path, fingerprint: str, config: Config) -> _Previous:
     path = current_path(index_dir)
     if not path or not (path / "embeddings.npy").exists():
         return _Previous()
@@ -147,6 +155,17 @@ def _previous(index_dir: Path, fingerprint: str) -> _Previous:
         manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
         rows = [json.loads(line) for line in (path / "chunk_hashes.jsonl").open(encoding="utf-8")]
         prev = _Previous()
+        old = manifest["config"]
+        same_chunker = (manifest.get("chunker_version") == CHUNKER_VERSION and old.get("chunk_size") == config.chunk_size
+                        and old.get("chunk_overlap") == config.chunk_overlap)
+        if same_chunker and (path / "article_terms.jsonl").exists():
+            by_doc: dict[str, list[Chunk]] = {}
+            for line in (path / "chunks.jsonl").open(encoding="utf-8"):
+                chunk = Chunk(**json.loads(line))
+                by_doc.setdefault(chunk.doc_id, []).append(chunk)
+            for line in (path / "article_terms.jsonl").open(encoding="utf-8"):
+                row = json.loads(line)
+                prev.articles[row["key"]] = (by_doc.get(row["doc_id"], []), row["terms"])
         if manifest.get("model", {}).get("fingerprint") == fingerprint:
             vectors = np.load(path / "embeddings.npy", mmap_mode="r")
             prev.vectors = {r["hash"]: vectors[i] for i, r in enumerate(rows)}
@@ -181,8 +200,8 @@ def document_changes(index_dir: Path, articles) -> dict[str, list[str]]:
     if path and (path / "manifest.json").exists():
         with contextlib.suppress(OSError, ValueError, KeyError):
             manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-            before = {d["doc_id"]: d["content_hash"] for d in manifest["documents"]}
-    now = {a.doc_id: a.content_hash for a in articles}
+            before = {d["doc_id"]: (d["content_hash"], d["title"], d["date"]) for d in manifest["documents"]}
+    now = {a.doc_id: (a.content_hash, a.title, a.date) for a in articles}  # a new title or date is a change too
     return {
         "added": sorted(now.keys() - before.keys()),
         "changed": sorted(k for k in now.keys() & before.keys() if now[k] != before[k]),
@@ -224,13 +243,23 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
         raise IndexError_(
             f"no articles found in {config.corpus_dir} (.txt, .md, .jsonl, .html or .docx files); add some and run `rag build` again"
         )
-    chunks = chunk_corpus(articles, config)
+    prev = _previous(Path(config.index_dir), embedder.fingerprint, config)
+    chunks, keys, per_article, chunked = [], [], [], 0
+    for a in articles:
+        keys.append(_article_key(a))
+        if keys[-1] in prev.articles:  # chunking an unchanged article again would give the same chunks
+            a_chunks, a_terms = prev.articles[keys[-1]]
+        else:
+            a_chunks = chunk_article(a, config)
+            a_terms = article_terms(a, a_chunks)
+            chunked += 1
+        chunks += a_chunks
+        per_article.append(a_terms)
     changes = document_changes(Path(config.index_dir), articles)
-    say(f"parsed {len(articles)} articles into {len(chunks)} chunks ("
+    say(f"parsed {len(articles)} articles into {len(chunks)} chunks, {chunked} chunked anew ("
         + ", ".join(f"{len(v)} {k}" for k, v in changes.items()) + ")")
     hashes = [_sha(c.search_text) for c in chunks]
-    prev = _previous(Path(config.index_dir), embedder.fingerprint)
-    terms = corpus_terms(articles, chunks)
+    terms = sorted(set().union(*per_article))
     tokenizer = ChineseTokenizer(terms)
     tokens, tokenized = _tokens(chunks, hashes, tokenizer, prev)
     say(f"tokenized {tokenized} chunks ({len(chunks) - tokenized} reused)")
@@ -265,16 +294,17 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
         "skipped": [{"path": s.path, "reason": s.reason} for s in skipped],
         "changes": changes,
         "counts": {"documents": len(articles), "chunks": len(chunks), "embedded": len(todo),
-                   "reused": len(chunks) - len(todo), "tokenized": tokenized, "lexicon": len(terms)},
+                   "reused": len(chunks) - len(todo), "chunked": chunked, "tokenized": tokenized,
+                   "lexicon": len(terms)},
         "build_seconds": None,
     }
-    path = _write_version(Path(config.index_dir), manifest, config, articles, chunks, hashes, tokens, vectors, bm25,
-                          terms, t0)
+    cache = {"keys": keys, "terms": per_article, "hashes": hashes, "tokens": tokens}
+    path = _write_version(Path(config.index_dir), manifest, config, articles, chunks, cache, vectors, bm25, terms, t0)
     say(f"index {manifest['version']} ready: {len(articles)} documents, {len(chunks)} chunks")
     return BuildReport(path, manifest, skipped, len(todo), len(chunks) - len(todo), time.perf_counter() - t0)
 
 
-def _write_version(index_dir, manifest, config, articles, chunks, hashes, tokens, vectors, bm25, terms, t0) -> Path:
+def _write_version(index_dir, manifest, config, articles, chunks, cache, vectors, bm25, terms, t0) -> Path:
     import faiss
 
     versions = index_dir / "versions"
@@ -285,8 +315,11 @@ def _write_version(index_dir, manifest, config, articles, chunks, hashes, tokens
         for c in chunks:
             fh.write(json.dumps(c.to_json(), ensure_ascii=False) + "\n")
     with (tmp / "chunk_hashes.jsonl").open("w", encoding="utf-8") as fh:
-        for c, h, t in zip(chunks, hashes, tokens):
+        for c, h, t in zip(chunks, cache["hashes"], cache["tokens"]):
             fh.write(json.dumps({"chunk_id": c.chunk_id, "hash": h, "tokens": t}, ensure_ascii=False) + "\n")
+    with (tmp / "article_terms.jsonl").open("w", encoding="utf-8") as fh:
+        for a, key, t in zip(articles, cache["keys"], cache["terms"]):
+            fh.write(json.dumps({"doc_id": a.doc_id, "key": key, "terms": t}, ensure_ascii=False) + "\n")
     with (tmp / "documents.jsonl").open("w", encoding="utf-8") as fh:
         for a in articles:
             fh.write(json.dumps(a.to_json(), ensure_ascii=False) + "\n")

@@ -265,9 +265,10 @@ def test_incremental_add_edit_delete_reembeds_only_what_changed(built, fake_embe
     assert [s.path for s in removed.skipped] == ["copy.txt"]
 
 
-def test_incremental_build_reuses_tokens_and_equals_a_full_build(built, fake_embedder, tmp_path):
+def test_incremental_build_reuses_chunks_and_tokens_and_equals_a_full_build(built, fake_embedder, tmp_path):
     config, first = built
     assert first.manifest["counts"]["tokenized"] == first.manifest["counts"]["chunks"]
+    assert first.manifest["counts"]["chunked"] == 1
     (config.corpus_dir / "new.txt").write_text(
         "图书馆举办读书日活动\n4月23日,图书馆在慎行楼举办读书日活动。李馆长在会上作《阅读与成长》主题发言。",
         encoding="utf-8")
@@ -275,12 +276,18 @@ def test_incremental_build_reuses_tokens_and_equals_a_full_build(built, fake_emb
     counts = again.manifest["counts"]
     new_chunks = [c for c in load(config.index_dir).chunks if c.doc_id == "new"]
     assert len(new_chunks) <= counts["tokenized"] < counts["chunks"]
+    assert counts["chunked"] == 1  # the new article; the seed's chunks come from the previous version
+    (config.corpus_dir / "new.txt").write_text(
+        (config.corpus_dir / "new.txt").read_text(encoding="utf-8").replace("读书日活动\n", "读书节活动\n", 1),
+        encoding="utf-8")  # a new title: re-chunked, since every chunk's header carries the title
+    retitled = build(config, fake_embedder)
+    assert retitled.manifest["changes"]["changed"] == ["new"] and retitled.manifest["counts"]["chunked"] == 1
 
     fresh = config.replace(index_dir=tmp_path / "fresh")
     build(fresh, fake_embedder)
     rows = lambda cfg: (cfg.index_dir / "current" / "chunk_hashes.jsonl").read_text(encoding="utf-8")  # noqa: E731
     assert rows(config) == rows(fresh)  # same hashes and the same tokens, chunk by chunk
-    for name in ("bm25_vocab.json", "lexicon.txt"):
+    for name in ("chunks.jsonl", "article_terms.jsonl", "bm25_vocab.json", "lexicon.txt"):
         assert (config.index_dir / "current" / name).read_bytes() == (fresh.index_dir / "current" / name).read_bytes()
 
 

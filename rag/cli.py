@@ -65,12 +65,26 @@ def _print_answer(answer, as_json: bool) -> None:
             print(f"  - {h.chunk.title} · {h.chunk.speaker or h.chunk.kind}: {h.chunk.text[:60]}…")
 
 
+def _with_generator(args, qa):
+    """`qa` answering with the generator --generator (env RAG_GENERATOR) names; "extractive", the default, needs no LLM."""
+    kind = getattr(args, "generator", None) or os.environ.get("RAG_GENERATOR") or "extractive"
+    if kind == "extractive":
+        return qa
+    from .generation import GeneratorConfig, use_generator
+
+    try:
+        gen = GeneratorConfig.from_env(os.environ, kind=kind)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return use_generator(qa, gen)
+
+
 def cmd_ask(args, config: Config) -> None:
     from .answering import QA
 
     if not args.batch and args.question is None:
         raise CLIError("give a QUESTION, or --batch FILE with one {\"question\": ...} per line")
-    qa = QA.open(config)
+    qa = _with_generator(args, QA.open(config))
     if args.batch:
         from .evaluation import read_qa
 
@@ -92,7 +106,7 @@ def cmd_eval(args, config: Config) -> None:
         items = read_qa(Path(args.qa))
     except (OSError, ValueError) as e:
         raise CLIError(str(e)) from None
-    qa = QA.open(config)
+    qa = _with_generator(args, QA.open(config))
     answers = [qa.ask(item["question"]) for item in items]
     result = score(items, answers, config.max_answer_chars)
     if args.json:
@@ -205,12 +219,18 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("question", nargs="?")
     a.add_argument("--json", action="store_true")
     a.add_argument("--batch", help="JSONL file with a `question` field per line")
+    a.add_argument("--generator", choices=["extractive", "local", "openai"],
+                   help="who writes the answer: extractive (default, no LLM), local (Qwen GGUF) or openai "
+                        "(RAG_OPENAI_BASE_URL, RAG_OPENAI_MODEL, RAG_OPENAI_API_KEY); env RAG_GENERATOR")
     a.set_defaults(func=cmd_ask)
 
     e = sub.add_parser("eval", help="score a QA file: retrieval hits, answers, refusals, latency")
     common(e)
     e.add_argument("--qa", required=True)
     e.add_argument("--json", action="store_true")
+    e.add_argument("--generator", choices=["extractive", "local", "openai"],
+                   help="who writes the answer: extractive (default, no LLM), local (Qwen GGUF) or openai "
+                        "(RAG_OPENAI_BASE_URL, RAG_OPENAI_MODEL, RAG_OPENAI_API_KEY); env RAG_GENERATOR")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("doc", help="print one document (metadata and the text citations point into)")

@@ -7,6 +7,7 @@ owns its own locking.
 
 import dataclasses
 import datetime as dt
+import functools
 import hmac
 import html
 import re
@@ -14,13 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from rag.answering import LiveQA
+from rag.answering import Answer, LiveQA
 from rag.config import Config
 from rag.conversation import example_questions, next_focus, rewrite
 from rag.corpus import CorpusError
 from rag.feedback import FeedbackStore
 from rag.index import IndexError_
-from rag.rendering import answer_html, answer_text, message_html
+from rag.rendering import answer_html, answer_text, message_html, writing_html
 from rag.retrieval import Filters
 from rag.serving import Rebuilder, describe, ensure_index, index_status
 from rag.uploads import ALLOWED_SUFFIXES, MAX_UPLOAD_BYTES, Upload, UploadError, add_uploads, inspect_upload
@@ -115,14 +116,25 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
         history.append({"role": "assistant", "content": message_html("…")})
         yield "", history, session  # the question shows at once, with a placeholder for the answer
         understood = rewrite(question.strip(), session["focus"], qa.index.speakers)
-        answer = qa.ask(understood, filters=filters)
-        note = note_for(qa)
-        # The extractive answer is ready at once; typing it out keeps the chat's familiar rhythm.
-        step = max(1, -(-len(answer.answer) // TYPING_STEPS))
-        for end in range(step, len(answer.answer), step):
-            history[-1] = {"role": "assistant", "content": message_html(answer.answer[:end] + "▍")}
+        written, sources = "", []
+        for item in qa.stream(understood, filters=filters):
+            if isinstance(item, Answer):
+                answer = item
+                continue
+            if isinstance(item, str):  # a generator's tokens, as they come
+                written += item
+            else:  # a sentence checked against the passages: its sources show while the rest is written
+                sources += [c for c in item.spans if c not in sources]
+            history[-1] = {"role": "assistant", "content": writing_html(written, sources)}
             yield "", history, session
-            time.sleep(TYPING_DELAY)
+        note = note_for(qa)
+        if not written:
+            # The extractive answer is ready at once; typing it out keeps the chat's familiar rhythm.
+            step = max(1, -(-len(answer.answer) // TYPING_STEPS))
+            for end in range(step, len(answer.answer), step):
+                history[-1] = {"role": "assistant", "content": message_html(answer.answer[:end] + "▍")}
+                yield "", history, session
+                time.sleep(TYPING_DELAY)
         history[-1] = {"role": "assistant", "content": answer_html(answer, understood, filters, note)}
         if answer.error is None:
             session["turns"][len(history) - 1] = {
@@ -332,8 +344,11 @@ def _preview_html(uploads) -> str:
 
 
 def serve(config: Config, *, host: str, port: int, feedback_db: Path, admin_password: str | None = None,
-          concurrency: int = 6, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
-    """Build the index if missing or stale, then serve the chat until interrupted."""
+          concurrency: int = 6, max_upload_bytes: int = MAX_UPLOAD_BYTES, generator=None) -> None:
+    """Build the index if missing or stale, then serve the chat until interrupted.
+
+    `generator`: a rag.generation.GeneratorConfig to write answers with an LLM (None: extractive answers).
+    """
     from rag.embedding import load_embedder
 
     def say(msg: str) -> None:
@@ -344,7 +359,16 @@ def serve(config: Config, *, host: str, port: int, feedback_db: Path, admin_pass
         ensure_index(config, embedder, say)
     except (IndexError_, CorpusError) as e:
         say(f"warning: {e}\nserving without an index: the chat says so until one is built")
-    live = LiveQA(config, embedder)
+    prepare = None
+    if generator is not None:
+        from rag.generation import make_generator, use_generator
+
+        llm = make_generator(generator, config.cache_dir)
+        if hasattr(llm, "warm_up"):
+            llm.warm_up(background=True)  # the first answers wait for the model only if it is still loading
+        prepare = functools.partial(use_generator, gen=generator, generator=llm)
+        say(f"answers written by the {generator.kind} generator ({llm!r}), every sentence checked against the passages")
+    live = LiveQA(config, embedder, prepare)
     try:
         served = describe(index_status(live.get().index))
     except IndexError_ as e:

@@ -6,6 +6,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -304,18 +305,36 @@ class QA:
         return self.retriever.index
 
     def ask(self, question: str, filters: Filters | None = None) -> Answer:
+        *_, answer = self.stream(question, filters)
+        return answer
+
+    def stream(self, question: str, filters: Filters | None = None) -> Iterator:
+        """What a chat shows as it comes, the Answer always last.
+
+        An answerer with a `stream` method (a generator) first yields the text as it is written and each
+        sentence once checked, with its citations; the extractive answerer yields only the Answer.
+        """
         try:
             cleaned = check_question(question, self.config)
         except QuestionError as e:
-            return Answer(question or "", str(e), False, error=str(e))
+            yield Answer(question or "", str(e), False, error=str(e))
+            return
         t0 = time.perf_counter()
         hits = self.retriever.search(cleaned, k=self.config.rerank_k, filters=filters)
         t1 = time.perf_counter()
-        answer = self.answerer.answer(cleaned, hits, self.index.documents)
+        stream = getattr(self.answerer, "stream", None)
+        if stream is None:
+            answer = self.answerer.answer(cleaned, hits, self.index.documents)
+        else:
+            for item in stream(cleaned, hits, self.index.documents, sentences=True):
+                if isinstance(item, Answer):
+                    answer = item
+                else:
+                    yield item
         t2 = time.perf_counter()
-        timings = {"retrieve": round((t1 - t0) * 1000, 2), "answer": round((t2 - t1) * 1000, 2)}
-        return Answer(question, answer.answer, answer.found, answer.citations, answer.passages,
-                      answer.support, timings)
+        timings = {**answer.timings_ms, "retrieve": round((t1 - t0) * 1000, 2), "answer": round((t2 - t1) * 1000, 2)}
+        yield Answer(question, answer.answer, answer.found, answer.citations, answer.passages,
+                     answer.support, timings)
 
 
 class LiveQA:
@@ -325,10 +344,11 @@ class LiveQA:
     go on answering from the old one. The embedding model is loaded once and shared between versions.
     """
 
-    def __init__(self, config: Config, embedder=None):
+    def __init__(self, config: Config, embedder=None, prepare: Callable[[QA], QA] | None = None):
+        """`prepare` is applied to each QA as it is opened (the web chat swaps in a generative answerer)."""
         import threading
 
-        self.config, self._embedder = config, embedder
+        self.config, self._embedder, self._prepare = config, embedder, prepare or (lambda qa: qa)
         self._loading = threading.Lock()
         self._qa: QA | None = None
         self._target: Path | None = None
@@ -348,7 +368,7 @@ class LiveQA:
             if self._qa is not None and target == self._target:
                 return self._qa
             try:
-                fresh = QA.open(self.config, self._embedder)
+                fresh = self._prepare(QA.open(self.config, self._embedder))
             except (IndexError_, OSError, ValueError, KeyError):
                 if self._qa is None:
                     raise

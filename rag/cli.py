@@ -65,12 +65,35 @@ def _print_answer(answer, as_json: bool) -> None:
             print(f"  - {h.chunk.title} · {h.chunk.speaker or h.chunk.kind}: {h.chunk.text[:60]}…")
 
 
+def _generator_config(args):
+    """The GeneratorConfig --generator (env RAG_GENERATOR, RAG_LLM, RAG_OPENAI_*) asks for; None for "extractive"."""
+    kind = getattr(args, "generator", None) or os.environ.get("RAG_GENERATOR") or "extractive"
+    if kind == "extractive":
+        return None
+    from .generation import GeneratorConfig
+
+    try:
+        return GeneratorConfig.from_env(os.environ, kind=kind)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _with_generator(args, qa):
+    """`qa` answering with the generator the flags and env name; "extractive", the default, needs no LLM."""
+    gen = _generator_config(args)
+    if gen is None:
+        return qa
+    from .generation import use_generator
+
+    return use_generator(qa, gen)
+
+
 def cmd_ask(args, config: Config) -> None:
     from .answering import QA
 
     if not args.batch and args.question is None:
         raise CLIError("give a QUESTION, or --batch FILE with one {\"question\": ...} per line")
-    qa = QA.open(config)
+    qa = _with_generator(args, QA.open(config))
     if args.batch:
         from .evaluation import read_qa
 
@@ -92,7 +115,7 @@ def cmd_eval(args, config: Config) -> None:
         items = read_qa(Path(args.qa))
     except (OSError, ValueError) as e:
         raise CLIError(str(e)) from None
-    qa = QA.open(config)
+    qa = _with_generator(args, QA.open(config))
     answers = [qa.ask(item["question"]) for item in items]
     result = score(items, answers, config.max_answer_chars)
     if args.json:
@@ -143,7 +166,8 @@ def cmd_serve(args, config: Config) -> None:
     try:
         # The password only ever comes from the environment: a flag would show in `ps`.
         app.serve(config, host=host, port=int(port), feedback_db=_feedback_path(args),
-                  admin_password=os.environ.get("RAG_ADMIN_PASSWORD") or None, concurrency=args.concurrency)
+                  admin_password=os.environ.get("RAG_ADMIN_PASSWORD") or None, concurrency=args.concurrency,
+                  generator=_generator_config(args))
     except OSError as e:  # port taken, address not available, feedback file not writable
         raise CLIError(str(e)) from None
 
@@ -182,6 +206,12 @@ def cmd_index(args, config: Config) -> None:
         print(f"{mark} {v['version']}  {v['built_at']}  {v['documents']} documents  {v['chunks']} chunks  {v['model']}")
 
 
+def generator_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generator", choices=["extractive", "local", "openai"],
+                   help="who writes the answer: extractive (default, no LLM), local (Qwen GGUF; RAG_LLM=0.5b|1.5b) or "
+                        "openai (RAG_OPENAI_BASE_URL, RAG_OPENAI_MODEL, RAG_OPENAI_API_KEY); env RAG_GENERATOR")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rag", description="Grounded QA over a university's news reports.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -205,12 +235,14 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("question", nargs="?")
     a.add_argument("--json", action="store_true")
     a.add_argument("--batch", help="JSONL file with a `question` field per line")
+    generator_flag(a)
     a.set_defaults(func=cmd_ask)
 
     e = sub.add_parser("eval", help="score a QA file: retrieval hits, answers, refusals, latency")
     common(e)
     e.add_argument("--qa", required=True)
     e.add_argument("--json", action="store_true")
+    generator_flag(e)
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("doc", help="print one document (metadata and the text citations point into)")
@@ -226,6 +258,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--feedback-db", dest="feedback_db",
                    help="SQLite file for 👍/👎 (env RAG_FEEDBACK_DB, default ~/.local/share/rag-news/feedback.sqlite3)")
     s.add_argument("--concurrency", type=int, default=6, help="questions answered at once (default 6)")
+    generator_flag(s)
     s.set_defaults(func=cmd_serve)
 
     f = sub.add_parser("feedback", help="summarise or export the 👍/👎 given in the web chat")

@@ -105,6 +105,19 @@ def message_html(text: str, css_class: str = "rag-message") -> str:
     return f'<div class="{css_class}">{_e(text)}</div>'
 
 
+def writing_html(text: str, citations: list[Citation]) -> str:
+    """An answer still being written: its text so far, and the sources of the sentences already checked."""
+    out = [f'<div class="rag-writing"><div class="rag-answer-text">{_e(text)}▍</div>']
+    if citations:
+        out.append('<div class="rag-sources"><div class="rag-sources-title">来源（已核对的句子）</div>')
+        for n, c in enumerate(citations, start=1):
+            who = f" · {_e(c.speaker)}" if c.speaker else ""
+            out.append(f'<div class="rag-source"><span class="rag-n">[{n}]</span> <b class="rag-title">{_e(c.title)}</b>'
+                       f'{who}<blockquote class="rag-excerpt"><mark>{_e(c.text)}</mark></blockquote></div>')
+        out.append("</div>")
+    return "".join(out) + "</div>"
+
+
 def answer_text(answer: Answer, understood: str, filters: Filters | None = None, note: str | None = None) -> str:
     """The answer and its sources as plain text, for scripts (gradio_client) and logs."""
     lines = [answer.answer]

@@ -36,13 +36,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(root: Path, model_cache: Path, admin_password: str | None = None, timeout: float = 240):
+def start_server(root: Path, model_cache: Path, admin_password: str | None = None, timeout: float = 240, **env_extra):
     """`python app.py` with everything pointed into `root`; returns (process, url) once it serves."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_")}
     env.update(RAG_CORPUS=str(root / "corpus"), RAG_INDEX=str(root / "index"), RAG_CACHE_DIR=str(model_cache),
                RAG_HOST="127.0.0.1", RAG_PORT=str(port), RAG_FEEDBACK_DB=str(root / "feedback.sqlite3"),
-               GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", **env_extra)
     if admin_password:
         env["RAG_ADMIN_PASSWORD"] = admin_password
     log = (root / "server.log").open("w", encoding="utf-8")
@@ -273,3 +273,38 @@ def test_operators_upload_preview_rebuild_then_chat_answers(page, server, tmp_pa
     assert "馆前广场" in reply.locator(".rag-answer-text").inner_text()
     assert reply.locator(".rag-source .rag-title").first.inner_text() == "图书馆开展“世界读书日”主题活动"
     page.shot("new-article-answered")
+
+
+def test_generated_answers_stream_token_by_token_then_show_checked_sources(browser, tmp_path_factory, model_cache):
+    """RAG_GENERATOR=local: the real 0.5B model writes the answer; the page shows it growing as tokens come."""
+    root = tmp_path_factory.mktemp("browser-llm")
+    (root / "corpus").mkdir()
+    shutil.copy(SEED, root / "corpus" / SEED.name)
+    proc, url = start_server(root, model_cache, RAG_GENERATOR="local")
+    try:
+        assert "answers written by the local generator" in (root / "server.log").read_text(encoding="utf-8")
+        context = browser.new_context(viewport={"width": 1280, "height": 1000}, locale="zh-CN")
+        page = context.new_page()
+        page.set_default_timeout(240_000)  # the first answer waits for the model to load (30-60 s here)
+        page.goto(url)
+        page.wait_for_selector("#index-status >> text=当前索引")
+        page.evaluate("""() => {
+            window.seen = [];
+            new MutationObserver(() => document.querySelectorAll('#chatbot .rag-writing .rag-answer-text').forEach(
+                m => window.seen.push(m.textContent))).observe(document.querySelector('#chatbot'),
+                {subtree: true, childList: true, characterData: true});
+        }""")
+        reply = ask(page, "报告会在哪里举行？")
+        answer = reply.locator(".rag-answer-text").inner_text()
+        assert "乐之厅" in answer and re.search(r"\[1\]", answer), answer
+        seen = list(dict.fromkeys(page.evaluate("window.seen")))
+        assert len(seen) >= 3, seen  # the answer grew piece by piece, as the model wrote it
+        assert all(len(a) <= len(b) for a, b in zip(seen, seen[1:]))
+        source = reply.locator(".rag-source").first
+        assert source.locator(".rag-title").inner_text() == "学校举行高质量发展中层干部学习研讨班系列专题报告会"
+        assert "乐之厅" in source.locator(".rag-excerpt mark").inner_text()
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "generated-answer.png"), full_page=True)
+        context.close()
+    finally:
+        stop_server(proc)

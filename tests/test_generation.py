@@ -20,7 +20,7 @@ from rag.generation import (
 from rag.index import build, load
 from rag.retrieval import Retriever
 
-from .conftest import QA_COPY, ROOT, SEED, SEED_ID
+from .conftest import QA_COPY, ROOT, SEED, SEED_ID, corpus_in
 
 ITEMS = {item["id"]: item for item in read_qa(QA_COPY)}
 SERVER = ROOT / "bench" / "openai_server.py"
@@ -112,9 +112,7 @@ def test_pinned_part_packages_match_the_recorded_sizes():
 @pytest.fixture(scope="module")
 def seed(tmp_path_factory, real_embedder, model_cache):
     root = tmp_path_factory.mktemp("gen-seed")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    (corpus / SEED.name).write_bytes(SEED.read_bytes())
+    corpus = corpus_in(root)
     # The joined GGUF is cached per test session, beside the converted embedding model.
     config = Config(corpus_dir=corpus, index_dir=root / "index", cache_dir=model_cache)
     build(config, real_embedder)

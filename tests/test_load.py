@@ -3,7 +3,6 @@
 Bounded: 20 clients x 3 questions. The p50/p95 latencies are printed and written to artifacts/load.json.
 """
 import json
-import shutil
 import threading
 import time
 
@@ -14,7 +13,7 @@ from rag.config import Config
 from rag.evaluation import read_qa
 from rag.index import build
 
-from .conftest import QA_COPY, ROOT, SEED
+from .conftest import QA_COPY, ROOT, corpus_in
 from .test_browser import start_server, stop_server
 
 CLIENTS = 20
@@ -38,8 +37,7 @@ def is_right(item: dict, reply: str) -> bool:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, real_embedder, model_cache):
     root = tmp_path_factory.mktemp("load")
-    (root / "corpus").mkdir()
-    shutil.copy(SEED, root / "corpus" / SEED.name)
+    corpus_in(root)
     build(Config(corpus_dir=root / "corpus", index_dir=root / "index"), real_embedder)  # current: no build at start
     proc, url = start_server(root, model_cache)
     yield url

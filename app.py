@@ -20,6 +20,7 @@ from rag.config import Config
 from rag.conversation import example_questions, next_focus, rewrite
 from rag.corpus import CorpusError
 from rag.feedback import FeedbackStore
+from rag.generation import GenerationError
 from rag.index import IndexError_
 from rag.rendering import answer_html, answer_text, message_html, writing_html
 from rag.retrieval import Filters
@@ -29,6 +30,7 @@ from rag.uploads import ALLOWED_SUFFIXES, MAX_UPLOAD_BYTES, Upload, UploadError,
 TITLE = "学校新闻问答"
 NO_INDEX = "还没有可用的索引，暂时无法回答。请管理员在「管理」标签页上传文章并重建索引，或在服务器上运行 `rag build`。"
 FIRST_BUILD = "索引正在构建中，请稍候一两分钟再提问。"
+GENERATION_FAILED = "生成回答时出错：{error}。请稍后再试，或请管理员检查语言模型（不设 RAG_GENERATOR 即用抽取式回答）。"
 REBUILDING = "索引正在更新：本回答来自当前版本 {version}，更新完成后将自动使用新版本。"
 TYPING_STEPS = 8  # pieces an answer is typed out in
 TYPING_DELAY = 0.03  # seconds between pieces
@@ -117,16 +119,21 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
         yield "", history, session  # the question shows at once, with a placeholder for the answer
         understood = rewrite(question.strip(), session["focus"], qa.index.speakers)
         written, sources = "", []
-        for item in qa.stream(understood, filters=filters):
-            if isinstance(item, Answer):
-                answer = item
-                continue
-            if isinstance(item, str):  # a generator's tokens, as they come
-                written += item
-            else:  # a sentence checked against the passages: its sources show while the rest is written
-                sources += [c for c in item.spans if c not in sources]
-            history[-1] = {"role": "assistant", "content": writing_html(written, sources)}
+        try:
+            for item in qa.stream(understood, filters=filters):
+                if isinstance(item, Answer):
+                    answer = item
+                    continue
+                if isinstance(item, str):  # a generator's tokens, as they come
+                    written += item
+                else:  # a sentence checked against the passages: its sources show while the rest is written
+                    sources += [c for c in item.spans if c not in sources]
+                history[-1] = {"role": "assistant", "content": writing_html(written, sources)}
+                yield "", history, session
+        except GenerationError as e:  # the LLM failed (server down, model missing): say so, keep the chat going
+            history[-1] = {"role": "assistant", "content": message_html(GENERATION_FAILED.format(error=e), "rag-notice")}
             yield "", history, session
+            return
         note = note_for(qa)
         if not written:
             # The extractive answer is ready at once; typing it out keeps the chat's familiar rhythm.
@@ -155,7 +162,10 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
         except ValueError as e:
             return str(e)
         question = question or ""
-        answer = qa.ask(question, filters=filters)
+        try:
+            answer = qa.ask(question, filters=filters)
+        except GenerationError as e:
+            return GENERATION_FAILED.format(error=e)
         return answer_text(answer, question, filters, note_for(qa))
 
     def rate(session, data: gr.LikeData):

@@ -134,7 +134,7 @@ def make_dense_index(vectors: np.ndarray, kind: str, config: Config):
 
 @dataclass
 class _Previous:
-    """What the current version lets a build reuse, by chunk search_text hash."""
+    """What the current version lets a build reuse: articles' chunks by article key, the rest by chunk hash."""
 
     articles: dict[str, tuple[list[Chunk], list[str]]] = field(default_factory=dict)  # article key -> chunks, terms
     vectors: dict[str, np.ndarray] = field(default_factory=dict)  # only when built with the same model

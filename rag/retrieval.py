@@ -16,7 +16,7 @@ class Hit:
     chunk: Chunk
     score: float  # fused score, higher is better
     dense_score: float | None  # cosine similarity to the question
-    bm25_score: float | None  # BM25 score (None: the chunk shares no token with the question, under RRF)
+    bm25_score: float | None  # BM25 score (None: the chunk shares no token with the question)
 
     def to_json(self) -> dict:
         c = self.chunk

@@ -1,5 +1,6 @@
 """The web chat's parts without a browser: escaping, uploads, index freshness, and the running app
 (in-process, real model) answering through gradio_client while an index is missing or rebuilding."""
+import functools
 import shutil
 import socket
 import threading
@@ -376,3 +377,16 @@ def test_operators_tab_exists_only_with_a_password_and_checks_the_login(tmp_path
     assert not rebuilder.running and list((tmp_path / "corpus").iterdir()) == [tmp_path / "corpus" / SEED.name]
     ok, *_ = handlers["login"]("secret", False)
     assert ok is True
+
+
+def test_an_unreachable_llm_server_gets_a_clear_message_and_the_chat_goes_on(tmp_path, real_embedder, launch):
+    from rag.generation import GeneratorConfig, use_generator
+
+    config = seed_config(tmp_path)
+    build(config, real_embedder)
+    down = GeneratorConfig(kind="openai", base_url=f"http://127.0.0.1:{free_port()}/v1", retries=0, timeout=5)
+    live = LiveQA(config, real_embedder, functools.partial(use_generator, gen=down))
+    client = launch(live, Rebuilder(config, real_embedder))
+    reply = client.predict("报告会在哪里举行？", api_name="/chat")
+    assert reply.startswith("生成回答时出错") and "127.0.0.1" in reply, reply
+    assert "请输入一个问题" in client.predict("", api_name="/chat")  # the chat still answers what needs no LLM

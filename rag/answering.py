@@ -44,6 +44,11 @@ def _has_kind(kind: str, question: str, span: str) -> bool:
     if kind == "where":
         return bool(_WHERE.search(span))
     if kind == "role":
+        # "张振宇是哪个单位的？" is answered where a role stands before the name ("…考核办副主任张振宇"),
+        # not by a sentence of his that happens to mention a university.
+        named = find_names(question)
+        if named:
+            return any(re.search(f"(?:{_ROLE.pattern})[^，,。；;：:]{{0,20}}?{re.escape(n)}", span) for n in named)
         return bool(_ROLE.search(span))
     if kind == "title":
         return "《" in span
@@ -54,7 +59,7 @@ def _has_kind(kind: str, question: str, span: str) -> bool:
 DECLINE = "文章中没有提到{topic}。"
 
 # Words that frame a question rather than carry its content ("叫什么名字", "哪个单位的", "提到了").
-FRAME_WORDS = frozenset("叫 名字 题目 名称 单位 领导 报道 文章 新闻 内容 具体 方面 报告 作 主要 情况".split())
+FRAME_WORDS = frozenset("叫 名字 题目 名称 单位 职务 职位 身份 担任 领导 报道 文章 新闻 内容 具体 方面 报告 作 主要 情况".split())
 # Words that stand for a class: a question's "讲" is answered by a passage's "指出" or "强调".
 WORD_CLASSES = (
     frozenset("讲 说 谈 讲话 发言 表示 指出 强调 提到 提出 认为 告诉 介绍 阐述 解读 称 谈到 要求".split()),

@@ -67,6 +67,11 @@ def test_named_speaker_and_who_questions(seed_index, real_embedder):
     assert hits[0].chunk.speaker == "王任"
     answer = qa.ask("谁提到了“六个坚持”？")
     assert answer.found and "张根华" in answer.answer
+    # A role question is answered where the role stands before the name, not by any sentence of theirs.
+    for question, role in (("张振宇是哪个单位的？", "苏州大学党校常务副校长"), ("王继元担任什么职务？", "副校长王继元"),
+                           ("李俊峰的职务是什么？", "校党委副书记李俊峰")):
+        answer = qa.ask(question)
+        assert answer.found and role in answer.answer, (question, answer.answer)
 
 
 def test_bars_hold_among_real_distractor_articles(tmp_path, real_embedder):

@@ -229,10 +229,11 @@ def test_auto_index_kind_follows_size_and_is_recorded(tmp_path, seed_corpus, fak
     from rag.index import dense_index_kind
 
     assert dense_index_kind(Config(approx_threshold=100), 100) == "flat"
-    assert dense_index_kind(Config(approx_threshold=100), 101) == "hnsw"
+    assert dense_index_kind(Config(approx_threshold=100), 101) == "ivf_sq8"
+    assert dense_index_kind(Config(approx_threshold=100, dense_index="hnsw"), 50) == "hnsw"
     config = Config(corpus_dir=seed_corpus, index_dir=tmp_path / "i", approx_threshold=5)
     report = build(config, fake_embedder)
-    assert report.manifest["dense_index"] == "hnsw"
+    assert report.manifest["dense_index"] == "ivf_sq8"
     index = load(config.index_dir)
     hits = Retriever(index, fake_embedder, config).search("王继元后勤")
     assert len(hits) >= 5

@@ -518,6 +518,9 @@ INSTRUCTION_LIKE = re.compile(
     re.IGNORECASE,
 )
 SENTENCE_END = "。！？!?；;"
+_CLAUSE_CUT = re.compile(r"[，,；;。！？!?：:]")
+# Tokens that are (part of) a role: they stand beside names and say nothing about what a person did.
+_ROLE_TOKEN = re.compile(r"大学|学院|学校|公司|部|处|办|中心|委员|常委|书记|校长|主任|部长|院长|处长|主席|经理|教授")
 
 
 @dataclass(frozen=True)
@@ -607,6 +610,42 @@ class SupportChecker:
         found = sum(w for t, w in weights.items() if t in passage)
         return found / sum(weights.values())
 
+    def binds(self, sentence: str, question: str, passage: str, speaker: str | None = None, said: str = "") -> bool:
+        """Does every person the sentence names (and the question does not) stand in the passage in a clause
+        that shares a word with the rest of the claim?
+
+        Words alone cannot see a claim that joins a name to the wrong predicate: "上午的会议由张根华主持" has all
+        its words in "…副校长张根华、王任分别作专题报告,党委常委、副校长徐惠钢主持会议", but 张根华's clause says
+        nothing of 主持 or 会议. A clause that ends with the name ("校党委副书记李俊峰,") is an item of a list
+        and takes its words from the clause that follows. The chunk's own `speaker` is bound to what the chunk
+        has them say (`said`), not to the header that names them.
+        """
+        asked = normalize(question).lower()
+        own = normalize(speaker or "").lower()
+        names = [n for n in _names(sentence) if n not in asked]
+        if not names:
+            return True
+        claim = [t for t in self.tokenizer.tokenize(sentence) if t not in names and not _ROLE_TOKEN.search(t)]
+        if not claim:
+            return True
+        clauses = [c for c in _CLAUSE_CUT.split(normalize(passage).lower()) if c.strip()]
+
+        def listed(clause: str) -> bool:  # "校党委副书记李俊峰": a role and a name, the name last
+            body = clause.strip().rstrip("、 ")
+            return any(body.endswith(n) for n in _names(clause))
+
+        for name in names:
+            windows = [normalize(said).lower()] if own and name == own else []
+            for i, clause in enumerate(clauses):
+                if name in clause:
+                    j = i
+                    while listed(clauses[j]) and j + 1 < len(clauses) and j - i < 3:
+                        j += 1
+                    windows.append("".join(clauses[i : j + 1]))
+            if not any(t in w for w in windows for t in claim):
+                return False
+        return True
+
     def meaning(self, cosine: float) -> float:
         return min(1.0, max(0.0, (cosine - self.dense_floor) / (self.dense_full - self.dense_floor)))
 
@@ -622,7 +661,8 @@ class SupportChecker:
             header, _ = passage_fields(hit.chunk)
             texts.append(header + "\n" + "".join(doc_text[a:b] for a, b in spans))
             candidates.append(spans)
-        lexical = [self.lexical(sentence, question, t) for t in texts]
+        lexical = [self.lexical(sentence, question, t) if self.binds(sentence, question, t, h.chunk.speaker, t.split("\n", 1)[1])
+                   else 0.0 for t, h in zip(texts, passages)]
         scores = list(lexical)
         w = self.dense_weight
         # Meaning is weighed in only where the words leave the decision open: it costs an embedding pass.

@@ -162,6 +162,12 @@ def test_support_on_hand_made_sentences(seed, real_embedder):
         ("王任强调要激励学工队伍弘扬什么精神？", "王任强调要激励学工队伍弘扬精神。"): False,  # only repeats the question
         ("图书馆要建设哪两个中心？", "图书馆要建设未来学习中心和智慧服务中心。"): True,
         ("图书馆要建设哪两个中心？", "图书馆要建设数据中心和创新创业中心。"): False,
+        # Every word is in the overview sentence, but it says 徐惠钢 chaired the morning, not 张根华.
+        ("上午的会议由谁主持？", "上午的会议由党委常委、副校长徐惠钢主持。"): True,
+        ("上午的会议由谁主持？", "上午的会议由党委常委、副校长张根华主持。"): False,
+        ("下午的会议是谁主持的？", "下午的会议由李俊峰主持。"): True,
+        ("下午的会议是谁主持的？", "下午的会议由张振宇主持。"): False,
+        ("上午有哪几位领导作了专题报告？", "上午李俊峰、张根华、王任分别作了专题报告。"): True,  # a list: names, then what they did
     }
     for (question, sentence), supported in cases.items():
         hits = qa.retriever.search(question, k=seed.rerank_k)

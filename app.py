@@ -20,7 +20,7 @@ from rag.config import Config
 from rag.conversation import example_questions, next_focus, rewrite
 from rag.corpus import CorpusError
 from rag.feedback import FeedbackStore
-from rag.generation import GenerationError
+from rag.generation import GenerationError, Retry
 from rag.index import IndexError_
 from rag.rendering import answer_html, answer_text, message_html, writing_html
 from rag.retrieval import Filters
@@ -126,6 +126,8 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
                     continue
                 if isinstance(item, str):  # a generator's tokens, as they come
                     written += item
+                elif isinstance(item, Retry):  # nothing it wrote had support: it writes again
+                    written, sources = "", []
                 else:  # a sentence checked against the passages: its sources show while the rest is written
                     sources += [c for c in item.spans if c not in sources]
                 history[-1] = {"role": "assistant", "content": writing_html(written, sources)}

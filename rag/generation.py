@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from .answering import DECLINE, Answer, Citation, ExtractiveAnswerer
+from .answering import DECLINE, Answer, Citation, ExtractiveAnswerer, general_idf
 from .chunking import Chunk, find_names, normalize, split_sentences
 from .config import Config
 from .retrieval import Hit
@@ -49,6 +49,7 @@ class GeneratorConfig:
     max_new_tokens: int = 128  # about 170 Chinese characters: answers are cut to 150 anyway
     passages: int = 1  # passages shown, [1]..[N], the extractive span first: more distract the 0.5B (see focus_passages)
     min_support: float = 0.75  # sentences below are dropped; `bench/bench_generation.py --calibrate` shows the gap
+    narrow_retry: bool = True  # no sentence supported: write once more over the span's best clause only
 
     def __post_init__(self):
         if self.kind not in GENERATORS:
@@ -482,21 +483,45 @@ def build_messages(question: str, passages: Sequence[Hit]) -> list[dict]:
             + [{"role": "user", "content": user}])
 
 
-def focus_passages(base: Answer, n: int) -> list[Hit]:
+_CLAUSE = re.compile(r"[^，,；;：:。！？!?]+[，,；;：:。！？!?”’」》）)]*")
+
+
+def focus_clause(text: str, question: str, tokenizer) -> tuple[int, int] | None:
+    """(start, end) in `text` of its clause (cut at commas, semicolons, colons and sentence ends, not at 、)
+    that shares the most with the question, by general-Chinese idf; None when no clause shares a word.
+
+    focus_clause("上午,李俊峰作报告,徐惠钢主持会议。", "上午的会议由谁主持？", tok) -> the span of "徐惠钢主持会议。"
+    """
+    idf = general_idf()
+    asked = set(tokenizer.tokenize(question))
+    best, best_score = None, 0.0
+    for m in _CLAUSE.finditer(text):
+        shared = asked & set(tokenizer.tokenize(m.group(), search=True))
+        score = sum(idf.get(t, idf["<median>"]) for t in shared)
+        if score > best_score:
+            best, best_score = (m.start(), m.end()), score
+    return best
+
+
+def focus_passages(base: Answer, n: int, clause_of: tuple[str, object] | None = None) -> list[Hit]:
     """The passages to show: the extractive answer's own span first, as a passage of its own, then the
     next best chunks, `n` in all.
 
     A 0.5B model given whole chunks often answers from the wrong clause ("上午" for "下午"); given the
     clause that covers the question first, it mostly restates it, citing [1]. The span keeps its
-    chunk's speaker and offsets, so checking and citing work on it like on any chunk.
+    chunk's speaker and offsets, so checking and citing work on it like on any chunk. With `clause_of`
+    (question, tokenizer) the span is narrowed to its one clause that best matches the question.
     """
     hits = list(base.passages)
     if not base.citations or not hits:
         return hits[:n]
     c = base.citations[0]
+    start, end, text = c.start, c.end, c.text
+    if clause_of and (clause := focus_clause(text, *clause_of)):
+        start, end, text = start + clause[0], start + clause[1], text[clause[0] : clause[1]]
     home = next((h for h in hits if h.chunk.doc_id == c.doc_id and h.chunk.start <= c.start < h.chunk.end), hits[0])
-    span = dataclasses.replace(home.chunk, chunk_id=home.chunk.chunk_id + f"@{c.start}", start=c.start, end=c.end,
-                               text=c.text, search_text=c.text)
+    span = dataclasses.replace(home.chunk, chunk_id=home.chunk.chunk_id + f"@{start}", start=start, end=end,
+                               text=text, search_text=text)
     rest = [h for h in hits if h is not home]
     return [dataclasses.replace(home, chunk=span)] + rest[: n - 1]
 
@@ -521,6 +546,14 @@ SENTENCE_END = "。！？!?；;"
 _CLAUSE_CUT = re.compile(r"[，,；;。！？!?：:]")
 # Tokens that are (part of) a role: they stand beside names and say nothing about what a person did.
 _ROLE_TOKEN = re.compile(r"大学|学院|学校|公司|部|处|办|中心|委员|常委|书记|校长|主任|部长|院长|处长|主席|经理|教授")
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Streamed when no sentence of the model's answer was supported and it writes once more over a narrower
+    passage: what was shown of the first answer is to be cleared."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -761,13 +794,14 @@ class GenerativeAnswerer:
         return final
 
     def stream(self, question: str, hits: list[Hit], documents: dict[str, dict],
-               sentences: bool = False) -> Iterator[str | CheckedSentence | Answer]:
+               sentences: bool = False) -> Iterator[str | CheckedSentence | Retry | Answer]:
         """Text pieces as the model writes them, then the checked Answer (always last).
 
         With `sentences=True`, each sentence is also yielded as a CheckedSentence (with its citations)
         as soon as it is complete, so a chat can attach sources while the answer is still being written.
         The pieces are the model's raw text, with its own [n] passage numbers; the final Answer's text
-        is what to keep showing: unsupported sentences removed, [n] renumbered to its citations.
+        is what to keep showing: unsupported sentences removed, [n] renumbered to its citations. When no
+        sentence is supported, a Retry comes (clear what was shown) and the model writes once more.
         """
         t0 = time.perf_counter()
         base = self.extractive.answer(question, hits, documents)
@@ -777,15 +811,26 @@ class GenerativeAnswerer:
             yield dataclasses.replace(base, timings_ms=timings)
             return
         passages = focus_passages(base, self.gen.passages)
-        messages = build_messages(question, passages)
+        checked = yield from self._attempt(question, passages, documents, base, timings, sentences)
+        if self.gen.narrow_retry and not any(s.supported or s.decline for s in checked):
+            # Nothing it wrote is supported. Shown the same span again the model writes the same answer; shown
+            # only the span's clause that best matches the question, a 0.5B mostly restates that clause.
+            narrow = focus_passages(base, self.gen.passages, (question, self.extractive.tokenizer))
+            if narrow[0].chunk.text != passages[0].chunk.text:
+                yield Retry("没有一句有资料依据，只给模型看最相关的分句，再写一次")
+                checked = yield from self._attempt(question, narrow, documents, base, timings, sentences)
+        yield self._compose(question, base, checked, timings)
+
+    def _attempt(self, question, passages, documents, base, timings, sentences):
+        """Stream one answer over `passages`, checking its sentences as they complete; returns them checked."""
         pieces: list[str] = []
         checked: list[CheckedSentence] = []
         done = 0  # characters of the generated text whose sentences have been checked
         t1 = time.perf_counter()
-        stream = self.generator.stream(messages, self.gen.max_new_tokens)
+        stream = self.generator.stream(build_messages(question, passages), self.gen.max_new_tokens)
         try:
             for piece in stream:
-                if not pieces:
+                if not pieces and "first_token" not in timings:
                     timings["first_token"] = _ms(t1)
                 pieces.append(piece)
                 yield piece
@@ -801,15 +846,14 @@ class GenerativeAnswerer:
                     break  # a model that rambles: what follows would be cut anyway
         finally:
             stream.close()
-        timings["generate"] = _ms(t1)
+        timings["generate"] = timings.get("generate", 0.0) + _ms(t1)
         text = "".join(pieces)
         t2 = time.perf_counter()
         rest = self._check(text[done:], question, passages, documents, base.passages)
         if sentences:
             yield from rest
-        checked += rest
-        timings["check"] = _ms(t2)
-        yield self._compose(question, base, checked, timings)
+        timings["check"] = timings.get("check", 0.0) + _ms(t2)
+        return checked + rest
 
     def _check(self, text: str, question: str, passages, documents, others=()) -> list[CheckedSentence]:
         """Check each sentence against the passages shown (which its [n] refer to), then the other candidates."""

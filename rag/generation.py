@@ -627,8 +627,10 @@ class SupportChecker:
         """lexical("报告会在慎行楼乐之厅举行。", "报告会在哪里举行？", "7月4日,学校在慎行楼乐之厅举行…") -> 1.0"""
         passage = normalize(passage).lower()
         claim = normalize(sentence).lower()
-        # Numbers, titles and quoted words are facts a passage states exactly, or not at all.
-        if any(n not in passage for n in _DIGITS.findall(claim)) or any(
+        # Numbers, titles and quoted words are facts a passage states exactly, or not at all; a number is a
+        # whole number there ("0" is not in "2023", "214" is not in "2214").
+        numbers = set(_DIGITS.findall(passage))
+        if any(n not in numbers for n in _DIGITS.findall(claim)) or any(
                 q.strip() not in passage for q in _QUOTED.findall(claim)):
             return 0.0
         asked = set(self.tokenizer.tokenize(question))

@@ -29,7 +29,7 @@ _ASKS = {
     "title": re.compile(r"题目|标题|题为|叫什么|什么名字"),
 }
 _WHERE = re.compile(r"在[^，,。；;]{1,20}?(?:举行|召开|举办|进行|开展)|在[\u4e00-\u9fff]{1,12}(?:楼|厅|室|馆|堂|场|中心)")
-_ROLE = re.compile(r"大学|学院|学校|公司|部|处|办|中心|委员会|书记|校长|主任|部长|院长|处长|主席|经理|教授")
+ROLE_WORDS = re.compile(r"大学|学院|学校|公司|部|处|办|中心|委员会|书记|校长|主任|部长|院长|处长|主席|经理|教授")
 _WHEN = re.compile(r"\d{1,4}\s*[年月日号]|\d{4}-\d{1,2}")
 _NUMBER = r"[0-9０-９零一二两三四五六七八九十百千万]+\s*(?:多|余)?"
 _UNIT = re.compile(r"(?<!哪)(?:多少|几)([人名位个次项所篇场])")
@@ -48,8 +48,8 @@ def _has_kind(kind: str, question: str, span: str) -> bool:
         # not by a sentence of his that happens to mention a university.
         named = find_names(question)
         if named:
-            return any(re.search(f"(?:{_ROLE.pattern})[^，,。；;：:]{{0,20}}?{re.escape(n)}", span) for n in named)
-        return bool(_ROLE.search(span))
+            return any(re.search(f"(?:{ROLE_WORDS.pattern})[^，,。；;：:]{{0,20}}?{re.escape(n)}", span) for n in named)
+        return bool(ROLE_WORDS.search(span))
     if kind == "title":
         return "《" in span
     unit = _UNIT.search(question)
@@ -260,7 +260,7 @@ class ExtractiveAnswerer:
         passages = tuple(hits[i] for i in order[: cfg.retrieve_k])
         if not hits or spans[order[0]][0] < cfg.min_support:
             support = spans[order[0]][0] if hits else 0.0
-            return Answer(question, DECLINE.format(topic=self._topic(question)), False, (), passages, support=support)
+            return Answer(question, DECLINE.format(topic=self.topic(question)), False, (), passages, support=support)
         support, start, end = spans[order[0]]
         chunk = hits[order[0]].chunk
         doc_text = documents[chunk.doc_id]["text"]
@@ -275,7 +275,7 @@ class ExtractiveAnswerer:
         citation = Citation(chunk.doc_id, chunk.title, chunk.speaker, start, end, doc_text[start:end])
         return Answer(question, prefix + citation.text.strip(), True, (citation,), passages, support=support)
 
-    def _topic(self, question: str) -> str:
+    def topic(self, question: str) -> str:
         """A short echo of what was asked, for the decline message: "学校今年的科研经费是多少？" -> "学校今年的科研经费"."""
         topic = re.sub(r"[？?！!。.\s]+$", "", question)
         topic = re.sub(r"(是多少|是什么|有哪些|是谁|是哪.*|有多少.*|讲了什么|说了什么|吗|呢)$", "", topic)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from .answering import DECLINE, Answer, Citation, ExtractiveAnswerer, general_idf
+from .answering import DECLINE, ROLE_WORDS, Answer, Citation, ExtractiveAnswerer, general_idf
 from .chunking import Chunk, find_names, normalize, split_sentences
 from .config import Config
 from .retrieval import Hit
@@ -483,7 +483,9 @@ def build_messages(question: str, passages: Sequence[Hit]) -> list[dict]:
             + [{"role": "user", "content": user}])
 
 
-_CLAUSE = re.compile(r"[^，,；;：:。！？!?]+[，,；;：:。！？!?”’」》）)]*")
+_CLAUSE_ENDS = "，,；;：:。！？!?"  # where a clause ends; not at 、, which joins the items of a list
+_CLAUSE = re.compile(f"[^{_CLAUSE_ENDS}]+[{_CLAUSE_ENDS}”’」》）)]*")
+_CLAUSE_CUT = re.compile(f"[{_CLAUSE_ENDS}]")
 
 
 def focus_clause(text: str, question: str, tokenizer) -> tuple[int, int] | None:
@@ -543,9 +545,8 @@ INSTRUCTION_LIKE = re.compile(
     re.IGNORECASE,
 )
 SENTENCE_END = "。！？!?；;"
-_CLAUSE_CUT = re.compile(r"[，,；;。！？!?：:]")
 # Tokens that are (part of) a role: they stand beside names and say nothing about what a person did.
-_ROLE_TOKEN = re.compile(r"大学|学院|学校|公司|部|处|办|中心|委员|常委|书记|校长|主任|部长|院长|处长|主席|经理|教授")
+_ROLE_TOKEN = re.compile(f"{ROLE_WORDS.pattern}|委员|常委")
 
 
 @dataclass(frozen=True)
@@ -689,15 +690,16 @@ class SupportChecker:
         """Support of `sentence` by the passages it cites, then by the others; citations point at the best span."""
         if _DECLINES.search(sentence):
             return CheckedSentence(sentence, cited, 0.0, (), (), decline=True)
-        texts, candidates = [], []  # per passage: the text a claim may rest on, and its evidence spans
+        texts, bodies, candidates = [], [], []  # per passage: the text a claim may rest on, its evidence, its spans
         for hit in passages:
             doc_text = documents[hit.chunk.doc_id]["text"]
             spans = self.evidence(hit.chunk, doc_text)
             header, _ = passage_fields(hit.chunk)
-            texts.append(header + "\n" + "".join(doc_text[a:b] for a, b in spans))
+            bodies.append("".join(doc_text[a:b] for a, b in spans))
+            texts.append(header + "\n" + bodies[-1])
             candidates.append(spans)
-        lexical = [self.lexical(sentence, question, t) if self.binds(sentence, question, t, h.chunk.speaker, t.split("\n", 1)[1])
-                   else 0.0 for t, h in zip(texts, passages)]
+        lexical = [self.lexical(sentence, question, t) if self.binds(sentence, question, t, h.chunk.speaker, body)
+                   else 0.0 for t, body, h in zip(texts, bodies, passages)]
         scores = list(lexical)
         w = self.dense_weight
         # Meaning is weighed in only where the words leave the decision open: it costs an embedding pass.
@@ -885,7 +887,7 @@ class GenerativeAnswerer:
             out += sentence + marks + end
             citations = known
         if not out:
-            topic = self.extractive._topic(question)
+            topic = self.extractive.topic(question)
             return dataclasses.replace(base, answer=DECLINE.format(topic=topic), found=False, citations=(),
                                        timings_ms=timings)
         return dataclasses.replace(base, answer=out, found=True, citations=tuple(citations), timings_ms=timings)

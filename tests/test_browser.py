@@ -106,6 +106,17 @@ def page(browser, server, request):
     context.close()
 
 
+def record_texts(page, selector: str) -> None:
+    """From now on, push the text of every element matching `selector` onto window.seen at each change
+    in the chat, so a test can see what an answer showed while it was being written."""
+    page.evaluate("""selector => {
+        window.seen = [];
+        new MutationObserver(() => document.querySelectorAll(selector).forEach(
+            m => window.seen.push(m.textContent))).observe(document.querySelector('#chatbot'),
+            {subtree: true, childList: true, characterData: true});
+    }""", selector)
+
+
 def ask(page, question: str):
     """Type a question, press Enter, and wait for the finished reply; returns its locator."""
     replies = page.locator("#chatbot .rag-answer, #chatbot .rag-notice")
@@ -129,13 +140,7 @@ def test_start_up_builds_the_index_and_says_what_it_serves(server):
 
 
 def test_ask_and_see_the_answer_stream_and_its_highlighted_source(page):
-    # Record what the answer bubble shows while it is typed out.
-    page.evaluate("""() => {
-        window.seen = [];
-        new MutationObserver(() => document.querySelectorAll('#chatbot .rag-message').forEach(
-            m => window.seen.push(m.textContent))).observe(document.querySelector('#chatbot'),
-            {subtree: true, childList: true, characterData: true});
-    }""")
+    record_texts(page, "#chatbot .rag-message")  # what the answer bubble shows while it is typed out
     reply = ask(page, "张根华作的报告叫什么名字？")
     answer = reply.locator(".rag-answer-text").inner_text()
     assert "识变与求变" in answer
@@ -284,12 +289,7 @@ def test_generated_answers_stream_token_by_token_then_show_checked_sources(brows
         page.set_default_timeout(240_000)  # the first answer waits for the model to load (30-60 s here)
         page.goto(url)
         page.wait_for_selector("#index-status >> text=当前索引")
-        page.evaluate("""() => {
-            window.seen = [];
-            new MutationObserver(() => document.querySelectorAll('#chatbot .rag-writing .rag-answer-text').forEach(
-                m => window.seen.push(m.textContent))).observe(document.querySelector('#chatbot'),
-                {subtree: true, childList: true, characterData: true});
-        }""")
+        record_texts(page, "#chatbot .rag-writing .rag-answer-text")
         reply = ask(page, "报告会在哪里举行？")
         answer = reply.locator(".rag-answer-text").inner_text()
         assert "乐之厅" in answer and re.search(r"\[1\]", answer), answer

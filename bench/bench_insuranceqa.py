@@ -11,7 +11,7 @@ Data: `insuranceqa-data==1.2` (pip install insuranceqa-data==1.2): 27,413 answer
   (or a subsample, or the full set after a subsample) only embeds what is new; a killed run resumes by block.
 - BM25: rag.lexical.BM25 over rag.lexical.ChineseTokenizer tokens, search mode (tokenize(text, search=True)),
   for passages and questions alike, as rag.retrieval.Retriever does.
-- Fusion: weighted RRF exactly as rag.retrieval.rrf over each retriever's top candidate_k, and a convex combination
+- Fusion: weighted RRF (rag.retrieval.rrf) over each retriever's top candidate_k, and a convex combination
   of min-max normalised scores (alpha * dense + (1 - alpha) * bm25) over the same candidates. Grids are searched on
   the valid split by MRR@10; the best of each family, the project default (Config's fusion) and the overall choice
   are then scored on test.
@@ -39,7 +39,7 @@ from rag.config import Config
 from rag.embedding import load_embedder
 from rag.index import make_dense_index
 from rag.lexical import BM25, ChineseTokenizer, top_k
-from rag.retrieval import convex
+from rag.retrieval import convex, rrf
 
 DEPTH = 100  # candidates kept per retriever per question; the grid's candidate_k values are <= this
 KS = (1, 5, 10)
@@ -183,14 +183,9 @@ class Candidates:
 
 
 def fuse_rrf(c: Candidates, cand_k: int, wd: float, wb: float, k: float) -> np.ndarray:
-    """Ids by weighted RRF over each list's top cand_k: the same arithmetic and tie order as rag.retrieval.rrf."""
-    d, b = c.dense_ids[:cand_k], c.bm25_ids[:cand_k]
-    ids = list(dict.fromkeys([*d.tolist(), *b.tolist()]))  # Retriever: dense items first, then BM25-only ones
-    pos = {i: n for n, i in enumerate(ids)}
-    score = np.zeros(len(ids))
-    score[[pos[i] for i in d.tolist()]] += wd / (k + np.arange(1, len(d) + 1))
-    score[[pos[i] for i in b.tolist()]] += wb / (k + np.arange(1, len(b) + 1))
-    return np.asarray(ids)[np.argsort(-score, kind="stable")]
+    """Ids by rag.retrieval.rrf over each list's top cand_k, in the Retriever's tie order (dense items first)."""
+    fused = rrf([c.dense_ids[:cand_k].tolist(), c.bm25_ids[:cand_k].tolist()], [wd, wb], k)
+    return np.asarray(sorted(fused, key=lambda i: -fused[i]), dtype=np.int64)
 
 
 def fuse_convex(c: Candidates, cand_k: int, alpha: float) -> np.ndarray:

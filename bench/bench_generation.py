@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.answering import QA, ExtractiveAnswerer
+from rag.answering import QA
 from rag.config import Config
 from rag.embedding import load_embedder
 from rag.evaluation import answer_correct, read_qa, score
@@ -33,7 +33,6 @@ from rag.generation import (
     assemble_gguf, split_generated,
 )
 from rag.index import build, load
-from rag.retrieval import Retriever
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,9 +163,10 @@ def main() -> None:
     items = read_qa(Path(args.qa))[: args.limit]
 
     def qa_with(generator, gen) -> QA:
-        extractive = ExtractiveAnswerer(index.tokenizer, index.bm25, config)
-        answerer = extractive if generator is None else GenerativeAnswerer(extractive, generator, config, gen, embedder)
-        return QA(Retriever(index, embedder, config), answerer, config)
+        qa = QA.over(index, embedder, config)
+        if generator is not None:
+            qa.answerer = GenerativeAnswerer(qa.answerer, generator, config, gen, embedder)
+        return qa
 
     if args.calibrate:
         print(json.dumps(calibrate(qa_with(None, None), items), ensure_ascii=False))

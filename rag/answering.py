@@ -10,81 +10,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .chunking import Chunk, find_names, normalize, split_sentences
 from .config import Config
-from .lexical import BM25, ChineseTokenizer
+from .questions import QuestionError, asked_kinds, check_question, simplified
 from .retrieval import Filters, Hit, Retriever
-
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\u200d]")
-_CLAUSE = re.compile(r"[^，,、；;：:。！？!?]+[，,、；;：:。！？!?”’」》）)]*")
-
-# What kind of thing a question asks for, and how to see it in a sentence.
-_ASKS = {
-    "who": re.compile(r"谁|哪位|哪几位|哪些领导|哪些人|什么人|哪个人"),
-    "when": re.compile(r"哪一天|哪天|什么时候|何时|几月几日|日期|什么时间"),
-    "where": re.compile(r"哪里|在哪|什么地方|地点|何地|何处"),
-    "number": re.compile(r"(?<!哪)(?:多少|几个|几位|几人|几项|几次)"),
-    "role": re.compile(r"单位|职务|身份|职位|担任|哪个部门|什么职|什么身份"),
-    "title": re.compile(r"题目|标题|题为|叫什么|什么名字"),
-}
-_WHERE = re.compile(r"在[^，,。；;]{1,20}?(?:举行|召开|举办|进行|开展)|在[\u4e00-\u9fff]{1,12}(?:楼|厅|室|馆|堂|场|中心)")
-ROLE_WORDS = re.compile(r"大学|学院|学校|公司|部|处|办|中心|委员会|书记|校长|主任|部长|院长|处长|主席|经理|教授")
-_WHEN = re.compile(r"\d{1,4}\s*[年月日号]|\d{4}-\d{1,2}")
-_NUMBER = r"[0-9０-９零一二两三四五六七八九十百千万]+\s*(?:多|余)?"
-_UNIT = re.compile(r"(?<!哪)(?:多少|几)([人名位个次项所篇场])")
-
-
-def _has_kind(kind: str, question: str, span: str) -> bool:
-    """Does `span` contain the kind of thing the question asks for (a name, a date, a place, a number)?"""
-    if kind == "who":
-        return bool(find_names(span))
-    if kind == "when":
-        return bool(_WHEN.search(span))
-    if kind == "where":
-        return bool(_WHERE.search(span))
-    if kind == "role":
-        # "张振宇是哪个单位的？" is answered where a role stands before the name ("…考核办副主任张振宇"),
-        # not by a sentence of his that happens to mention a university.
-        named = find_names(question)
-        if named:
-            return any(re.search(f"(?:{ROLE_WORDS.pattern})[^，,。；;：:]{{0,20}}?{re.escape(n)}", span) for n in named)
-        return bool(ROLE_WORDS.search(span))
-    if kind == "title":
-        return "《" in span
-    unit = _UNIT.search(question)
-    return bool(re.search(_NUMBER + unit.group(1), span) if unit else re.search(r"\d", span))
-
+from .spans import ROLE_WORDS, Candidate, Featurizer, SpanModel, general_idf  # noqa: F401 (re-exported)
 
 DECLINE = "文章中没有提到{topic}。"
-
-# Words that frame a question rather than carry its content ("叫什么名字", "哪个单位的", "提到了").
-FRAME_WORDS = frozenset("叫 名字 题目 名称 单位 职务 职位 身份 担任 领导 报道 文章 新闻 内容 具体 方面 报告 作 主要 情况".split())
-# Words that stand for a class: a question's "讲" is answered by a passage's "指出" or "强调".
-WORD_CLASSES = (
-    frozenset("讲 说 谈 讲话 发言 表示 指出 强调 提到 提出 认为 告诉 介绍 阐述 解读 称 谈到 要求".split()),
-)
-_MEETING = re.compile(r"会$|会议|会上")  # "在会上" is answered by a passage about a 报告会 or 会议
-# A role or a person the question is about must be the one in the passage: "校长" is not "副校长".
-_ROLE_WORD = re.compile(r"(?:长|书记|主任|部长|主席|经理|教授|老师|委员)$")
-ENTITY_PENALTY = 0.5
-FRAME_WEIGHT = 0.3
-ANSWER_TYPE_PENALTY = 0.6  # support kept when a span lacks the kind of thing asked for
-RANK_PRIOR = 0.002  # support given up per place down the retriever's ranking
-
-
-@functools.lru_cache(maxsize=1)
-def general_idf() -> dict[str, float]:
-    """jieba's idf table for general Chinese (shipped in the wheel); "<median>" for unseen words."""
-    import jieba.analyse
-
-    path = Path(jieba.analyse.__file__).parent / "idf.txt"
-    table = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        word, _, value = line.partition(" ")
-        table[word] = float(value)
-    table["<median>"] = float(np.median(list(table.values())))
-    return table
 
 
 @dataclass(frozen=True)
@@ -104,7 +35,7 @@ class Answer:
     found: bool
     citations: tuple[Citation, ...] = ()
     passages: tuple[Hit, ...] = ()
-    support: float = 0.0  # how well the best span covers the question (0..1), the decline criterion
+    support: float = 0.0  # the model's probability that the best span answers the question, the decline criterion
     timings_ms: dict = field(default_factory=dict)
     error: str | None = None  # set when the question itself was refused (empty, too long, ...)
 
@@ -117,163 +48,55 @@ class Answer:
         }
 
 
-class QuestionError(ValueError):
-    """A question that cannot be answered as asked; the message says why, in Chinese."""
-
-
-def check_question(question: str, config: Config) -> str:
-    """The question to answer, cleaned; raises QuestionError with a message for a user otherwise.
-
-    check_question("  王任讲了什么？🙂 ", Config()) -> "王任讲了什么？"
-    """
-    if question is None or not question.strip():
-        raise QuestionError("请输入一个问题，例如「报告会在哪里举行？」。")
-    if len(question) > config.max_question_chars:
-        raise QuestionError(
-            f"问题太长（{len(question)} 个字符，上限 {config.max_question_chars}）。请把问题缩短成一句话。"
-        )
-    cleaned = _EMOJI.sub("", question).strip()
-    if not _CJK.search(cleaned):
-        raise QuestionError("请用中文提问：本系统回答关于学校中文新闻报道的问题（Please ask in Chinese）。")
-    return cleaned
-
-
-def _matches(tok: str, tokens: set[str]) -> bool:
-    """Is question word `tok` in a passage with `tokens`, as itself, a word it starts, or its class?"""
-    if tok in tokens or any(p.startswith(tok) for p in tokens):
-        return True
-    if tok == "会上":
-        return any(_MEETING.search(p) for p in tokens)
-    # A class word may end a longer passage word: "系统阐述" is an "阐述".
-    return any(
-        tok in cls and any(p == w or (len(w) > 1 and p.endswith(w)) for p in tokens for w in cls)
-        for cls in WORD_CLASSES
-    )
-
-
-def _asks(question: str) -> set[str]:
-    return {kind for kind, pattern in _ASKS.items() if pattern.search(question)}
-
-
-def _clauses(text: str, start: int) -> list[tuple[int, int]]:
-    return [(start + m.start(), start + m.end()) for m in _CLAUSE.finditer(text)]
+def candidates(index, hits: list[Hit]) -> list[Candidate]:
+    """The candidate spans of `hits` (sentences, long ones cut), each span text once, best hit first."""
+    out, seen = [], set()
+    for rank, hit in enumerate(hits):
+        doc_text = index.documents[hit.chunk.doc_id]["text"]
+        for r in index.spans_of(hit.row):
+            _, start, end = (int(v) for v in index.spans[r])
+            key = (hit.chunk.doc_id, start, end)
+            if key not in seen:
+                seen.add(key)
+                out.append(Candidate(rank, hit.chunk, start, end, doc_text[start:end], r))
+    return out
 
 
 class ExtractiveAnswerer:
-    """Answers with the shortest sentence or clause span that covers the question, or declines.
+    """Answers with the candidate span the fitted model (rag/spans.py) finds most likely to answer, or
+    declines when even that one is below the model's threshold."""
 
-    Support is the idf-weighted share of the question's content words found in the span and its
-    segment's context (speaker, role, report title), which is what a reader would check.
-    """
-
-    def __init__(self, tokenizer: ChineseTokenizer, bm25: BM25, config: Config):
-        self.tokenizer, self.bm25, self.config = tokenizer, bm25, config
-
-    def _weights(self, question: str) -> dict[str, float]:
-        """Question words weighted by general Chinese idf; question-frame words count less."""
-        idf = general_idf()
-        return {t: idf.get(t, idf["<median>"]) * (FRAME_WEIGHT if t in FRAME_WORDS else 1.0)
-                for t in dict.fromkeys(self.tokenizer.tokenize(question))}
-
-    @staticmethod
-    def _coverage(weights: dict[str, float], tokens: set[str]) -> float:
-        """Share of question weight found among the span's tokens.
-
-        A question word found as the start of a longer passage word counts ("主持" in "主持会议"); found
-        only inside or at the end of one it does not: "校长" is not "副校长".
-        """
-        total = sum(weights.values()) or 1.0
-        got = 0.0
-        for tok, w in weights.items():
-            if _matches(tok, tokens):
-                got += w
-        return got / total
-
-    @staticmethod
-    @functools.lru_cache(maxsize=256)
-    def _names(question: str) -> frozenset[str]:
-        return frozenset(find_names(question))
-
-    def _context(self, chunk: Chunk) -> str:
-        """The chunk's search header: article, speaker, role, report title (and metadata labels)."""
-        body = normalize(chunk.text)
-        return chunk.search_text[: len(chunk.search_text) - len(body)]
-
-    def _score(self, question: str, weights: dict[str, float], chunk: Chunk, span_text: str) -> float:
-        text = normalize(self._context(chunk) + span_text)
-        tokens = set(self.tokenizer.tokenize(text))
-        score = self._coverage(weights, tokens)
-        entities = [t for t in weights if _ROLE_WORD.search(t) or t in self._names(question)]
-        if any(t not in tokens for t in entities):
-            score *= ENTITY_PENALTY
-        for kind in _asks(question):
-            # The speaker of a segment answers "who" even when the sentence says 他/她.
-            if not _has_kind(kind, question, span_text) and not (kind == "who" and chunk.speaker):
-                score *= ANSWER_TYPE_PENALTY
-        return score
-
-    def _shorten(self, weights: dict[str, float], text: str, start: int, end: int, limit: int) -> tuple[int, int]:
-        """The clause window within `limit` characters that covers the most question weight."""
-        clauses = _clauses(text[start:end], start)
-        best, best_score = (start, min(end, start + limit)), -1.0
-        for i in range(len(clauses)):
-            for j in range(i, len(clauses)):
-                a, b = clauses[i][0], clauses[j][1]
-                if b - a > limit:
-                    break
-                piece = normalize(text[a:b])
-                s = self._coverage(weights, set(self.tokenizer.tokenize(piece))) - 0.001 * (b - a)
-                if s > best_score:
-                    best, best_score = (a, b), s
-        return best
-
-    def _meaning(self, cosine: float | None) -> float:
-        """1 for a passage as close in meaning as real answers are, falling to 0 at the floor.
-
-        Lexical coverage alone is fooled by a passage that merely shares the words (a distractor
-        article's "学校校长" for "学校的校长在会上讲了什么"); the cosine gate is calibrated on the shared
-        questions for the default model (real answers >= 0.84, such a distractor 0.82).
-        """
-        cfg = self.config
-        if cosine is None:
-            return 1.0
-        return min(1.0, max(0.0, (cosine - cfg.dense_floor) / (cfg.dense_full - cfg.dense_floor)))
-
-    def _best_span(self, question: str, weights: dict[str, float], hit: Hit, doc_text: str):
-        """(support, start, end) of the hit's sentence that best covers the question."""
-        chunk = hit.chunk
-        meaning = self._meaning(hit.dense_score)
-        best = (0.0, chunk.start, chunk.end)
-        for s in split_sentences(chunk.text, chunk.start):
-            score = meaning * self._score(question, weights, chunk, doc_text[s.start : s.end])
-            if score > best[0]:
-                best = (score, s.start, s.end)
-        return best
+    def __init__(self, retriever: Retriever, config: Config, model: SpanModel | None = None):
+        self.retriever, self.config = retriever, config
+        self.tokenizer = retriever.index.tokenizer
+        self.model = model or SpanModel.load()
+        self.featurizer = Featurizer(self.tokenizer)
 
     def answer(self, question: str, hits: list[Hit], documents: dict[str, dict]) -> Answer:
-        """Rerank `hits` by how well their best sentence covers the question, then answer or decline."""
+        """Rerank `hits` by their best span's score, then answer with the best span or decline."""
         cfg = self.config
-        weights = self._weights(question)
-        spans = [self._best_span(question, weights, h, documents[h.chunk.doc_id]["text"]) for h in hits]
-        # Support decides; the retriever's order breaks near-ties.
-        order = sorted(range(len(hits)), key=lambda i: -(spans[i][0] - RANK_PRIOR * i))
+        index = self.retriever.index
+        cands = candidates(index, hits)
+        if not cands:
+            return Answer(question, DECLINE.format(topic=self.topic(question)), False, (), tuple(hits[: cfg.retrieve_k]))
+        cos = index.span_vectors([c.span_row for c in cands]) @ self.retriever.query_vector(question)[0]
+        best_i, support, scores = self.model.choose(self.featurizer.rows(question, hits, cands, cos))
+        best_of_hit = np.full(len(hits), -np.inf)
+        for c, z in zip(cands, scores):
+            best_of_hit[c.hit_rank] = max(best_of_hit[c.hit_rank], z)
+        order = sorted(range(len(hits)), key=lambda i: -best_of_hit[i])
         passages = tuple(hits[i] for i in order[: cfg.retrieve_k])
-        if not hits or spans[order[0]][0] < cfg.min_support:
-            support = spans[order[0]][0] if hits else 0.0
+        if support < self.model.threshold:
             return Answer(question, DECLINE.format(topic=self.topic(question)), False, (), passages, support=support)
-        support, start, end = spans[order[0]]
-        chunk = hits[order[0]].chunk
-        doc_text = documents[chunk.doc_id]["text"]
-        while start < end and doc_text[start].isspace():
-            start += 1
+        best = cands[best_i]
+        chunk, text = best.chunk, best.text.rstrip()
         prefix = ""
-        if "who" in _asks(question) and chunk.speaker and chunk.speaker not in doc_text[start:end]:
+        if "who" in asked_kinds(simplified(question)) and chunk.speaker and chunk.speaker not in text:
             prefix = f"{chunk.speaker}（{chunk.role}）：" if chunk.role else f"{chunk.speaker}："
-        limit = cfg.max_answer_chars - len(prefix)
-        if end - start > limit:
-            start, end = self._shorten(weights, doc_text, start, end, limit)
-        citation = Citation(chunk.doc_id, chunk.title, chunk.speaker, start, end, doc_text[start:end])
-        return Answer(question, prefix + citation.text.strip(), True, (citation,), passages, support=support)
+        end = best.start + min(len(text), cfg.max_answer_chars - len(prefix))
+        cited = documents[chunk.doc_id]["text"][best.start : end]
+        citation = Citation(chunk.doc_id, chunk.title, chunk.speaker, best.start, end, cited)
+        return Answer(question, prefix + cited, True, (citation,), passages, support=support)
 
     def topic(self, question: str) -> str:
         """A short echo of what was asked, for the decline message: "学校今年的科研经费是多少？" -> "学校今年的科研经费"."""
@@ -303,7 +126,13 @@ class QA:
             raise IndexError_(
                 f"the index at {config.index_dir} was built with other weights of {embedder.name}; run `rag build`"
             )
-        return cls(Retriever(index, embedder, config), ExtractiveAnswerer(index.tokenizer, index.bm25, config), config)
+        return cls.over(index, embedder, config)
+
+    @classmethod
+    def over(cls, index, embedder, config: Config) -> "QA":
+        """The extractive QA over a loaded index."""
+        retriever = Retriever(index, embedder, config)
+        return cls(retriever, ExtractiveAnswerer(retriever, config), config)
 
     @property
     def index(self):

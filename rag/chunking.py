@@ -91,6 +91,24 @@ def _split_long(text: str, span: Span, limit: int) -> list[Span]:
     return out
 
 
+def answer_units(chunk: "Chunk", limit: int) -> list[Span]:
+    """A chunk's candidate answer spans (offsets into the article): its sentences, those over `limit`
+    characters cut at clause marks, without leading blanks.
+
+    answer_units(chunk with text "他来了。她走了！" at 10, 150) -> [Span(10, 14), Span(14, 18)]
+    """
+    out = []
+    for s in split_sentences(chunk.text, chunk.start):
+        local = Span(s.start - chunk.start, s.end - chunk.start)
+        pieces = _split_long(chunk.text, local, limit) if s.end - s.start > limit else [local]
+        for p in pieces:
+            body = chunk.text[p.start : p.end]
+            lead = len(body) - len(body.lstrip())
+            if body.strip():
+                out.append(Span(chunk.start + p.start + lead, chunk.start + p.end))
+    return out
+
+
 def pack_sentences(text: str, sentences: list[Span], size: int, overlap: int) -> list[Span]:
     """Group consecutive sentence spans into chunks of at most `size` characters.
 

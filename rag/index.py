@@ -11,6 +11,9 @@ Layout (a folder a person can open):
     index/versions/<id>/article_terms.jsonl per article: a hash of the parsed article and its lexicon words, so the
                                         next build reuses its chunks (from chunks.jsonl) when it is unchanged
     index/versions/<id>/bm25_*          BM25 vocabulary, idf and weights; lexicon.txt the added jieba words
+    index/versions/<id>/spans.npy       candidate answer spans (chunk row, start, end: sentences, long ones cut)
+    index/versions/<id>/span_embeddings.npy  their embeddings (the answerer's sentence cosines), span_hashes.txt
+                                        a hash of each span's text, so the next build reuses them
 """
 from __future__ import annotations
 
@@ -30,12 +33,12 @@ from typing import Callable
 
 import numpy as np
 
-from .chunking import CHUNKER_VERSION, Chunk, article_terms, chunk_article
+from .chunking import CHUNKER_VERSION, Chunk, answer_units, article_terms, chunk_article, normalize
 from .config import Config
 from .corpus import Skipped, load_corpus
 from .lexical import BM25, TOKENIZER_VERSION, ChineseTokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: spans and their embeddings
 KEEP_VERSIONS = 3  # old versions kept for rollback
 
 
@@ -63,7 +66,22 @@ class Index:
     bm25: BM25
     tokenizer: ChineseTokenizer
     speakers: dict[str, str | None] = field(default_factory=dict)  # name -> role
+    spans: np.ndarray | None = None  # (n, 3) int64: chunk row, start, end (offsets into the document)
     _vectors: np.ndarray | None = None
+    _span_vectors: np.ndarray | None = None
+    _span_rows: np.ndarray | None = None
+
+    def spans_of(self, row: int) -> range:
+        """Rows of `spans` (and span embeddings) that belong to chunk `row`."""
+        if self._span_rows is None:
+            self._span_rows = np.searchsorted(self.spans[:, 0], np.arange(len(self.chunks) + 1))
+        return range(int(self._span_rows[row]), int(self._span_rows[row + 1]))
+
+    def span_vectors(self, ids: list[int]) -> np.ndarray:
+        """The stored embeddings of spans `ids`, memory-mapped from span_embeddings.npy."""
+        if self._span_vectors is None:
+            self._span_vectors = np.load(self.path / "span_embeddings.npy", mmap_mode="r")
+        return np.asarray(self._span_vectors[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
     @property
     def version(self) -> str:
@@ -141,6 +159,7 @@ class _Previous:
     articles: dict[str, tuple[list[Chunk], list[str]]] = field(default_factory=dict)  # article key -> chunks, terms
     vectors: dict[str, np.ndarray] = field(default_factory=dict)  # only when built with the same model
     tokens: dict[str, list[str]] = field(default_factory=dict)  # only when tokenized the same way
+    span_vectors: dict[str, np.ndarray] = field(default_factory=dict)  # span text hash -> vector, same model
     terms: set[str] = field(default_factory=set)  # the lexicon those tokens were made with
 
 
@@ -171,6 +190,10 @@ def _previous(index_dir: Path, fingerprint: str, config: Config) -> _Previous:
         if manifest.get("model", {}).get("fingerprint") == fingerprint:
             vectors = np.load(path / "embeddings.npy", mmap_mode="r")
             prev.vectors = {r["hash"]: vectors[i] for i, r in enumerate(rows)}
+            if (path / "span_hashes.txt").exists():
+                span_vectors = np.load(path / "span_embeddings.npy", mmap_mode="r")
+                span_hashes = (path / "span_hashes.txt").read_text(encoding="utf-8").split()
+                prev.span_vectors = {h: span_vectors[i] for i, h in enumerate(span_hashes)}
         same_tokenizer = (manifest.get("tokenizer_version") == TOKENIZER_VERSION
                           and manifest.get("libraries", {}).get("jieba") == _versions().get("jieba"))
         if same_tokenizer and all("tokens" in r for r in rows):
@@ -279,6 +302,8 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
             [chunks[i].search_text for i in todo], batch_size=config.embed_batch_size, progress=say
         )
 
+    spans, span_vectors, span_hashes, spans_embedded = _spans(chunks, embedder, config, prev, say)
+
     manifest = {
         "format_version": FORMAT_VERSION,
         "version": dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f"),
@@ -297,13 +322,37 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
         "changes": changes,
         "counts": {"documents": len(articles), "chunks": len(chunks), "embedded": len(todo),
                    "reused": len(chunks) - len(todo), "chunked": chunked, "tokenized": tokenized,
-                   "lexicon": len(terms)},
+                   "lexicon": len(terms), "spans": len(spans), "spans_embedded": spans_embedded},
         "build_seconds": None,
     }
-    cache = {"keys": keys, "terms": per_article, "hashes": hashes, "tokens": tokens}
+    cache = {"keys": keys, "terms": per_article, "hashes": hashes, "tokens": tokens,
+             "spans": spans, "span_vectors": span_vectors, "span_hashes": span_hashes}
     path = _write_version(Path(config.index_dir), manifest, config, articles, chunks, cache, vectors, bm25, terms, t0)
     say(f"index {manifest['version']} ready: {len(articles)} documents, {len(chunks)} chunks")
     return BuildReport(path, manifest, skipped, len(todo), len(chunks) - len(todo), time.perf_counter() - t0)
+
+
+def _spans(chunks: list[Chunk], embedder, config: Config, prev: _Previous, say) -> tuple:
+    """Every chunk's candidate answer spans and their embeddings (reused by text hash from the previous
+    version; a text repeated in overlapping chunks is embedded once)."""
+    rows, texts = [], []
+    for n, c in enumerate(chunks):
+        for u in answer_units(c, config.max_answer_chars):
+            rows.append((n, u.start, u.end))
+            texts.append(c.text[u.start - c.start : u.end - c.start])
+    hashes = [_sha(normalize(t))[:32] for t in texts]
+    todo = list(dict.fromkeys(h for h in hashes if h not in prev.span_vectors))
+    known = dict(prev.span_vectors)
+    if todo:
+        first = {h: t for h, t in zip(reversed(hashes), reversed(texts))}
+        say(f"embedding {len(todo)} answer spans ({len(set(hashes)) - len(todo)} reused)")
+        fresh = embedder.encode_passages([normalize(first[h]) for h in todo], batch_size=config.embed_batch_size * 2,
+                                         progress=say)
+        known.update(zip(todo, fresh))
+    vectors = np.zeros((len(rows), embedder.dim), dtype=np.float32)
+    for i, h in enumerate(hashes):
+        vectors[i] = known[h]
+    return np.array(rows, dtype=np.int64).reshape(-1, 3), vectors, hashes, len(todo)
 
 
 def _write_version(index_dir, manifest, config, articles, chunks, cache, vectors, bm25, terms, t0) -> Path:
@@ -326,6 +375,9 @@ def _write_version(index_dir, manifest, config, articles, chunks, cache, vectors
         for a in articles:
             fh.write(json.dumps(a.to_json(), ensure_ascii=False) + "\n")
     np.save(tmp / "embeddings.npy", vectors)
+    np.save(tmp / "spans.npy", cache["spans"])
+    np.save(tmp / "span_embeddings.npy", cache["span_vectors"])
+    (tmp / "span_hashes.txt").write_text("\n".join(cache["span_hashes"]) + "\n", encoding="utf-8")
     faiss.write_index(make_dense_index(vectors, manifest["dense_index"], config), str(tmp / "dense.faiss"))
     bm25.save(tmp)
     (tmp / "lexicon.txt").write_text("\n".join(terms) + "\n", encoding="utf-8")
@@ -478,4 +530,7 @@ def load(path: Path, model_name: str | None = None) -> Index:
     for c in chunks:
         if c.speaker and not speakers.get(c.speaker):
             speakers[c.speaker] = c.role
-    return Index(path, manifest, chunks, documents, dense, BM25.load(path), ChineseTokenizer(terms), speakers)
+    spans = np.load(path / "spans.npy")
+    if len(spans) != counts.get("spans", -1):
+        raise IndexError_(f"the index at {path} is inconsistent (spans differ from its manifest); run `rag build`")
+    return Index(path, manifest, chunks, documents, dense, BM25.load(path), ChineseTokenizer(terms), speakers, spans)

@@ -9,6 +9,7 @@ from .chunking import Chunk, normalize
 from .config import Config
 from .index import Index
 from .lexical import top_k
+from .questions import simplified
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class Hit:
     score: float  # fused score, higher is better
     dense_score: float | None  # cosine similarity to the question
     bm25_score: float | None  # BM25 score (None: the chunk shares no token with the question)
+    row: int = -1  # the chunk's row in the index (its spans and vectors)
 
     def to_json(self) -> dict:
         c = self.chunk
@@ -86,6 +88,7 @@ class Retriever:
     def __init__(self, index: Index, embedder, config: Config):
         self.index, self.embedder, self.config = index, embedder, config
         self._speakers = sorted(index.speakers, key=len, reverse=True)
+        self._last_query: tuple[str | None, np.ndarray | None] = (None, None)
 
     def search(self, question: str, k: int | None = None, filters: Filters | None = None) -> list[Hit]:
         """The k best chunks for `question`, best first."""
@@ -96,10 +99,10 @@ class Retriever:
         depth = min(n, cfg.candidate_k * (10 if filters else 1))
         allowed = (lambda i: filters.allows(index.chunks[i])) if filters else (lambda i: True)
 
-        qvec = self.embedder.encode_queries([question])
+        qvec = self.query_vector(question)
         dscores, dids = index.search_dense(qvec, depth)
         dense = {int(i): float(s) for i, s in zip(dids[0], dscores[0]) if i >= 0 and allowed(int(i))}
-        bm25_all = index.bm25.scores(index.tokenizer.tokenize(question, search=True))
+        bm25_all = index.bm25.scores(index.tokenizer.tokenize(simplified(question), search=True))
         bids = top_k(bm25_all, depth)
         lexical = {int(i): float(bm25_all[i]) for i in bids if allowed(int(i))}
         weights = [cfg.dense_weight, cfg.bm25_weight]
@@ -109,7 +112,7 @@ class Retriever:
             union = list(dict.fromkeys([*dense, *lexical]))
             self._add_cosines(dense, union, qvec)
             fused = convex(dense, {i: float(bm25_all[i]) for i in union}, weights)
-        named = set(named_speakers(question, self._speakers))
+        named = set(named_speakers(simplified(question), self._speakers))
         if named and fused:
             # A question that names a speaker is about that speaker's segments first.
             bonus = cfg.speaker_boost * max(fused.values())
@@ -121,8 +124,17 @@ class Retriever:
         order = sorted(fused, key=lambda i: -fused[i])[:k]
         # Every hit gets its cosine, found by BM25 alone or not: the answerer weighs meaning too.
         self._add_cosines(dense, order, qvec)
-        return [Hit(index.chunks[i], fused[i], dense[i], float(bm25_all[i]) if bm25_all[i] > 0 else None)
+        return [Hit(index.chunks[i], fused[i], dense[i], float(bm25_all[i]) if bm25_all[i] > 0 else None, i)
                 for i in order]
+
+    def query_vector(self, question: str) -> np.ndarray:
+        """The question's embedding (1, dim), kept for the answerer's span cosines."""
+        cached = self._last_query
+        if cached[0] == question:
+            return cached[1]
+        qvec = self.embedder.encode_queries([question])
+        self._last_query = (question, qvec)  # one assignment: a concurrent reader sees old or new
+        return qvec
 
     def _add_cosines(self, dense: dict[int, float], ids: list[int], qvec: np.ndarray) -> None:
         missing = [i for i in ids if i not in dense]

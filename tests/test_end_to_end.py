@@ -3,11 +3,10 @@ import json
 
 import pytest
 
-from rag.answering import QA, ExtractiveAnswerer
+from rag.answering import QA
 from rag.config import Config
 from rag.evaluation import read_qa, score
 from rag.index import build, load
-from rag.retrieval import Retriever
 
 from .conftest import QA_COPY, SEED_ID, corpus_in
 
@@ -16,7 +15,7 @@ N_DISTRACTORS = 320
 
 def run_eval(config, embedder):
     index = load(config.index_dir, model_name=embedder.name)
-    qa = QA(Retriever(index, embedder, config), ExtractiveAnswerer(index.tokenizer, index.bm25, config), config)
+    qa = QA.over(index, embedder, config)
     items = read_qa(QA_COPY)
     answers = [qa.ask(item["question"]) for item in items]
     return items, answers, score(items, answers)
@@ -61,8 +60,7 @@ def test_citations_point_into_the_document(seed_index, real_embedder):
 
 def test_named_speaker_and_who_questions(seed_index, real_embedder):
     index = load(seed_index.index_dir)
-    qa = QA(Retriever(index, real_embedder, seed_index),
-            ExtractiveAnswerer(index.tokenizer, index.bm25, seed_index), seed_index)
+    qa = QA.over(index, real_embedder, seed_index)
     hits = qa.retriever.search("王任提出了什么？")
     assert hits[0].chunk.speaker == "王任"
     answer = qa.ask("谁提到了“六个坚持”？")

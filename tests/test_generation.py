@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from rag.answering import QA, Answer, ExtractiveAnswerer, LiveQA
+from rag.answering import QA, Answer, LiveQA
 from rag.config import Config
 from rag.evaluation import answer_correct, read_qa
 from rag.generation import (
@@ -19,7 +19,6 @@ from rag.generation import (
     use_generator,
 )
 from rag.index import build, load
-from rag.retrieval import Retriever
 
 from .conftest import QA_COPY, ROOT, SEED, SEED_ID, corpus_in
 
@@ -122,7 +121,7 @@ def seed(tmp_path_factory, real_embedder, model_cache):
 
 def make_qa(config, embedder) -> QA:
     index = load(config.index_dir, model_name=embedder.name)
-    return QA(Retriever(index, embedder, config), ExtractiveAnswerer(index.tokenizer, index.bm25, config), config)
+    return QA.over(index, embedder, config)
 
 
 class Scripted:

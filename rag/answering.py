@@ -1,7 +1,6 @@
 """Hits -> Answer with citations: the extractive answerer (no LLM) and the question checks."""
 from __future__ import annotations
 
-import functools
 import re
 import time
 from dataclasses import asdict, dataclass, field

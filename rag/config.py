@@ -34,10 +34,7 @@ class Config:
     bm25_weight: float = 0.3  # weight of BM25 in fusion
     rrf_k: int = 60  # reciprocal rank fusion constant (Cormack et al. 2009), for fusion="rrf"
     speaker_boost: float = 0.5  # fraction of the top fused score added to a named speaker's segments
-    rerank_k: int = 20  # fused candidates the answerer reranks by how well they cover the question
-    min_support: float = 0.57  # below this support the answerer declines: midpoint of the gap `rag eval` reports on seed_qa
-    dense_floor: float = 0.80  # cosine at which a passage stops supporting an answer (default model)
-    dense_full: float = 0.84  # cosine from which a passage's meaning fully supports an answer
+    rerank_k: int = 20  # fused candidates whose sentences the answerer scores (rag/models/answerer.json was fitted at 20)
     max_answer_chars: int = 150  # answers longer than this are cut at a clause end
     max_question_chars: int = 500  # longer questions are refused with a message
     dense_index: str = "auto"  # "flat" (exact), "hnsw", "ivf_sq8", or "auto": flat up to approx_threshold, then ivf_sq8

@@ -64,7 +64,7 @@ def score(items: list[dict], answers: list[Answer], max_chars: int = 150) -> dic
         "answer_accuracy": sum(answer_correct(i, a, max_chars) for i, a in answerable) / n,
         "refusal_accuracy": sum(not a.found for _, a in unanswerable) / max(len(unanswerable), 1),
         "false_refusals": sum(not a.found for _, a in answerable),
-        # The decline threshold belongs in the gap between these two (see Config.min_support).
+        # How well the answer model's decline threshold (rag/models/answerer.json) separates the two.
         "support_max_unanswerable": max((a.support for _, a in unanswerable), default=0.0),
         "support_min_answerable": min((a.support for i, a in answerable if answer_correct(i, a, max_chars)), default=1.0),
         "retrieve_ms_p50": float(np.percentile(latency, 50)),

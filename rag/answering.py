@@ -71,15 +71,22 @@ class ExtractiveAnswerer:
         self.model = model or SpanModel.load()
         self.featurizer = Featurizer(self.tokenizer)
 
-    def answer(self, question: str, hits: list[Hit], documents: dict[str, dict]) -> Answer:
-        """Rerank `hits` by their best span's score, then answer with the best span or decline."""
-        cfg = self.config
+    def features(self, question: str, hits: list[Hit]) -> tuple[list[Candidate], np.ndarray]:
+        """The candidate spans of `hits` and their feature rows (rag/spans.py FEATURES)."""
         index = self.retriever.index
         cands = candidates(index, hits)
         if not cands:
-            return Answer(question, DECLINE.format(topic=self.topic(question)), False, (), tuple(hits[: cfg.retrieve_k]))
+            return [], np.zeros((0, len(self.featurizer.features)))
         cos = index.span_vectors([c.span_row for c in cands]) @ self.retriever.query_vector(question)[0]
-        best_i, support, scores = self.model.choose(self.featurizer.rows(question, hits, cands, cos))
+        return cands, self.featurizer.rows(question, hits, cands, cos)
+
+    def answer(self, question: str, hits: list[Hit], documents: dict[str, dict]) -> Answer:
+        """Rerank `hits` by their best span's score, then answer with the best span or decline."""
+        cfg = self.config
+        cands, rows = self.features(question, hits)
+        if not cands:
+            return Answer(question, DECLINE.format(topic=self.topic(question)), False, (), tuple(hits[: cfg.retrieve_k]))
+        best_i, support, scores = self.model.choose(rows)
         best_of_hit = np.full(len(hits), -np.inf)
         for c, z in zip(cands, scores):
             best_of_hit[c.hit_rank] = max(best_of_hit[c.hit_rank], z)

@@ -23,12 +23,11 @@ import numpy as np
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
 
-from rag.answering import Answer, ExtractiveAnswerer, candidates  # noqa: E402
-from rag.config import Config  # noqa: E402
-from rag.evaluation import answer_correct, evidence_rank, read_qa  # noqa: E402
-from rag.spans import FEATURES, GATE_FEATURES, Linear, SpanModel, gate_row, logistic_loss, softmax_loss  # noqa: E402
+from rag.answering import ExtractiveAnswerer
+from rag.config import Config
+from rag.evaluation import answer_correct, evidence_rank, read_qa
+from rag.spans import FEATURES, GATE_FEATURES, Linear, SpanModel, gate_row, logistic_loss, softmax_loss
 
 SEED = ROOT.parent / "shared" / "corpus"
 
@@ -53,15 +52,10 @@ def fold_of(item: dict, k: int) -> int:
 
 def collect(qa, items: list[dict]):
     """Per question: hits, candidates, feature rows, labels (models are applied later)."""
-    answerer = qa.answerer
     out = []
     for n, item in enumerate(items):
-        q = item["question"]
-        hits = qa.retriever.search(q, k=qa.config.rerank_k)
-        cands = candidates(qa.index, hits)
-        qvec = qa.retriever.query_vector(q)
-        cos = qa.index.span_vectors([c.span_row for c in cands]) @ qvec[0] if cands else np.zeros(0)
-        rows = answerer.featurizer.rows(q, hits, cands, cos) if cands else np.zeros((0, len(FEATURES)))
+        hits = qa.retriever.search(item["question"], k=qa.config.rerank_k)
+        cands, rows = qa.answerer.features(item["question"], hits)
         labels = np.array([label(item, c) for c in cands], dtype=float)
         out.append({"item": item, "hits": hits, "cands": cands, "rows": rows, "labels": labels})
         if n % 100 == 0:

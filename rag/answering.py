@@ -118,15 +118,20 @@ class QA:
         self.retriever, self.answerer, self.config = retriever, answerer, config
 
     @classmethod
-    def open(cls, config: Config, embedder=None) -> "QA":
+    def open(cls, config: Config, embedder=None, say: Callable[[str], None] | None = None) -> "QA":
         """Load the index at config.index_dir and the embedding model it was built with.
 
-        Pass an already loaded `embedder` to share one model between index versions.
+        Pass an already loaded `embedder` to share one model between index versions. When the current version is
+        damaged the newest intact one answers, and `say` gets one line about it (default: a logged warning).
         """
-        from .embedding import load_embedder
-        from .index import IndexError_, load
+        import logging
 
-        index = load(config.index_dir, model_name=config.model)
+        from .embedding import load_embedder
+        from .index import IndexError_, open_serving
+
+        index, problems = open_serving(config.index_dir, model_name=config.model)
+        for problem in problems:
+            (say or logging.getLogger("rag").warning)(problem)
         embedder = embedder or load_embedder(config)
         if embedder.fingerprint != index.manifest["model"]["fingerprint"]:
             raise IndexError_(
@@ -182,39 +187,63 @@ class LiveQA:
 
     A chat in flight keeps the QA it started with; while one thread loads a new version, the others
     go on answering from the old one. The embedding model is loaded once and shared between versions.
+    Every question checks `current` (its files' checksums, verified once per version and then by a stat of
+    each file): when it is damaged or missing, the newest intact version answers and `problems` says why.
     """
 
-    def __init__(self, config: Config, embedder=None, prepare: Callable[[QA], QA] | None = None):
-        """`prepare` is applied to each QA as it is opened (the web chat swaps in a generative answerer)."""
+    def __init__(self, config: Config, embedder=None, prepare: Callable[[QA], QA] | None = None,
+                 say: Callable[[str], None] | None = None):
+        """`prepare` is applied to each QA as it is opened (the web chat swaps in a generative answerer);
+        `say` gets each new problem with the index once, in one line (default: a logged warning)."""
+        import logging
         import threading
 
         self.config, self._embedder, self._prepare = config, embedder, prepare or (lambda qa: qa)
+        self._say = say or logging.getLogger("rag").warning
         self._loading = threading.Lock()
         self._qa: QA | None = None
-        self._target: Path | None = None
+        self._tried: Path | None = None  # the version last loaded or tried: a failed one is not retried per question
+        self.problems: list[str] = []  # why the version answering is not `current`; [] when it is
+
+    def _report(self, problems: list[str]) -> None:
+        for problem in problems:
+            if problem not in self.problems:
+                self._say(problem)
+        self.problems = problems
 
     def get(self) -> QA:
         """The current QA; raises IndexError_ (with what to do) when there is no usable index."""
-        from .index import IndexError_, current_path
+        from .index import IndexError_, choose_version
 
-        target = current_path(Path(self.config.index_dir))
         qa = self._qa
-        if qa is not None and target == self._target:
+        try:
+            path, problems = choose_version(Path(self.config.index_dir), self.config.model)
+        except IndexError_ as e:
+            if qa is None:
+                raise
+            self._report([f"{e}; answering from {qa.index.version} meanwhile"])
+            return qa  # no version can serve: the one in memory still can
+        if qa is not None and path in (qa.index.path, self._tried):
+            self._report(problems if path == qa.index.path else self.problems)
             return qa
         # Only the first caller waits for a load; later ones keep the old version meanwhile.
         if not self._loading.acquire(blocking=qa is None):
             return qa
         try:
-            if self._qa is not None and target == self._target:
+            if self._qa is not None and path in (self._qa.index.path, self._tried):
                 return self._qa
+            self._tried = path
+            found: list[str] = []
             try:
-                fresh = self._prepare(QA.open(self.config, self._embedder))
-            except (IndexError_, OSError, ValueError, KeyError):
+                fresh = self._prepare(QA.open(self.config, self._embedder, say=found.append))
+            except (IndexError_, OSError, ValueError, KeyError) as e:
                 if self._qa is None:
                     raise
+                self._report([f"{e}; answering from {self._qa.index.version} meanwhile"])
                 return self._qa  # a version that fails to load never replaces a working one
             self._embedder = fresh.retriever.embedder
-            self._qa, self._target = fresh, target  # one assignment each: readers see old or new
+            self._qa = fresh  # one assignment: readers see old or new
+            self._report(found)
             return fresh
         finally:
             self._loading.release()

@@ -25,11 +25,12 @@ import json
 import os
 import platform
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -54,6 +55,7 @@ class BuildReport:
     embedded: int  # chunks embedded in this build
     reused: int  # chunks whose vectors came from the previous version
     seconds: float
+    unchanged: bool = False  # nothing changed since the current version: no new version was written (path is current)
 
 
 @dataclass
@@ -118,6 +120,163 @@ def current_path(index_dir: Path) -> Path | None:
     return link.resolve() if link.exists() else None
 
 
+def _current_target(index_dir: Path) -> Path | None:
+    """Where `current` points, whether or not that folder exists; None without a `current` link."""
+    link = Path(index_dir) / "current"
+    if link.is_symlink():
+        return (Path(index_dir) / os.readlink(link)).resolve()
+    return link.resolve() if link.exists() else None
+
+
+def _folders(index_dir: Path) -> list[Path]:
+    """The version folders under index_dir/versions, oldest first (names are build times)."""
+    versions = Path(index_dir) / "versions"
+    try:
+        return sorted(p for p in versions.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:  # no versions yet, or not readable
+        return []
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (faiss's span several), for messages that must stay one line."""
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    manifest: dict | None  # None when manifest.json cannot be read as a JSON object
+    problem: str | None  # "damaged: ...", "outdated: ...", "missing: ..."; None when the version is intact
+
+
+# Verified folders: path -> (the folder's stat signature, verdict). Checksumming a version reads every byte of it;
+# a stat of each file is enough to know nothing changed since, so the chat can check `current` on every question.
+_verified: dict[Path, tuple[tuple, _Verdict]] = {}
+_verified_lock = threading.Lock()
+
+
+def _signature(path: Path) -> tuple:
+    with os.scandir(path) as entries:
+        return tuple(sorted((e.name, s.st_size, s.st_mtime_ns, s.st_ino) for e in entries for s in [e.stat()]))
+
+
+def _inspect(path: Path) -> _Verdict:
+    """The verdict on version folder `path`: manifest readable, format current, every file matching its checksum.
+    Cached per folder until one of its files changes (size, mtime or inode)."""
+    path = Path(path)
+    try:
+        signature = _signature(path)
+    except FileNotFoundError:
+        return _Verdict(None, "missing (its folder does not exist)")
+    except OSError as e:
+        return _Verdict(None, f"damaged: its folder cannot be read ({e.strerror or _one_line(e)})")
+    with _verified_lock:
+        cached = _verified.get(path)
+    if cached and cached[0] == signature:
+        return cached[1]
+    verdict = _verify(path)  # signature taken first: a file changed meanwhile is verified again next time
+    with _verified_lock:
+        _verified[path] = (signature, verdict)
+    return verdict
+
+
+def _verify(path: Path) -> _Verdict:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return _Verdict(None, "damaged: manifest.json is missing")
+    except (OSError, ValueError) as e:
+        return _Verdict(None, f"damaged: manifest.json cannot be read ({_one_line(e)})")
+    needed = ("version", "format_version", "model", "counts", "documents", "config", "checksums")
+    if not isinstance(manifest, dict) or any(k not in manifest for k in needed):
+        return _Verdict(None, "damaged: manifest.json lacks " + ", ".join(
+            k for k in needed if not isinstance(manifest, dict) or k not in manifest))
+    if not all(isinstance(manifest[k], dict) for k in ("model", "counts", "config", "checksums")):
+        return _Verdict(None, "damaged: manifest.json is malformed")
+    if manifest["format_version"] != FORMAT_VERSION:
+        return _Verdict(manifest, f"outdated: format version {manifest['format_version']}, "
+                                  f"this program reads {FORMAT_VERSION}")
+    for name, expected in manifest["checksums"].items():
+        try:
+            if _file_sha(path / name) != expected:
+                return _Verdict(manifest, f"damaged: {name} does not match its checksum")
+        except FileNotFoundError:
+            return _Verdict(manifest, f"damaged: {name} is missing")
+        except OSError as e:
+            return _Verdict(manifest, f"damaged: {name} cannot be read ({e.strerror or _one_line(e)})")
+    return _Verdict(manifest, None)
+
+
+def check_version(path: Path) -> str | None:
+    """Why the version folder `path` cannot serve, in one line ("damaged: dense.faiss does not match its
+    checksum"); None when it is intact. Cheap after the first call while its files stay as they are."""
+    return _inspect(Path(path)).problem
+
+
+def _model_problem(manifest: dict, model_name: str | None) -> str | None:
+    built_with = manifest["model"].get("name")
+    if model_name and built_with != model_name:
+        return f"built with the embedding model {built_with!r}, not {model_name!r}"
+    return None
+
+
+class Served(NamedTuple):
+    """The index version to answer from, and one line for each problem met choosing it ([] when it is current)."""
+
+    index: Index
+    problems: list[str]
+
+
+def choose_version(index_dir: Path, model_name: str | None = None, broken: dict[Path, str] | None = None
+                   ) -> tuple[Path, list[str]]:
+    """The version folder to serve: `current` when it is intact, else the newest intact version, with a line
+    saying why. Only checks (cached checksums), loads nothing. `broken`: folders known not to load, and why.
+
+    Raises IndexError_ when there is no index, when `current` was built with another model or format (a
+    rebuild, not damage), or when no version is intact.
+    """
+    index_dir, broken = Path(index_dir), broken or {}
+    target, folders = _current_target(index_dir), _folders(index_dir)
+    if target is None and not folders:
+        raise IndexError_(f"no index at {index_dir}; build one with `rag build --index {index_dir}`")
+    if target is None:
+        trouble = f"{index_dir} has no `current` version"
+    else:
+        verdict = _inspect(target)
+        problem = broken.get(target) or verdict.problem
+        if problem is None:
+            wrong_model = _model_problem(verdict.manifest, model_name)
+            if wrong_model:
+                raise IndexError_(f"the index at {target} was {wrong_model}; rebuild it with `rag build` or use "
+                                  f"--model {verdict.manifest['model'].get('name')}")
+            return target, []
+        if problem.startswith("outdated"):
+            raise IndexError_(f"the index at {target} is {problem}; rebuild it with `rag build`")
+        trouble = f"the current index version {target.name} is {problem}"
+    for folder in reversed(folders):
+        if folder.resolve() == target or folder.resolve() in broken:
+            continue
+        verdict = _inspect(folder)
+        if verdict.problem is None and _model_problem(verdict.manifest, model_name) is None:
+            return folder, [f"{trouble}; serving {folder.name} instead: run `rag build` to write a good version, "
+                            f"or `rag index rollback {folder.name}`"]
+    raise IndexError_(f"{trouble}, and no other version in {index_dir} is usable; run `rag build`")
+
+
+def open_serving(index_dir: Path, model_name: str | None = None) -> Served:
+    """Load the version to answer from: `current`, or when it is damaged or missing the newest intact version,
+    with one line per problem for the caller to show (the chat and the CLI alike).
+
+    Raises IndexError_ (one line, saying what to do) when no version can serve.
+    """
+    broken: dict[Path, str] = {}
+    while True:
+        path, problems = choose_version(index_dir, model_name, broken)
+        try:
+            return Served(load(path, model_name), problems)
+        except IndexError_ as e:  # intact files that still do not load: try the next version
+            broken[path.resolve()] = f"damaged: {e}"
+
+
 def dense_index_kind(config: Config, n: int) -> str:
     """The FAISS index type for n vectors: exact while small, approximate beyond the threshold."""
     kind = config.dense_index
@@ -168,8 +327,16 @@ def _article_key(article) -> str:
     return _sha(json.dumps(article.to_json(), ensure_ascii=False, sort_keys=True))
 
 
-def _previous(index_dir: Path, fingerprint: str, config: Config) -> _Previous:
-    path = current_path(index_dir)
+def _base(index_dir: Path) -> tuple[Path | None, list[str]]:
+    """The version a build starts from: `current`, or the newest intact version when it is damaged; never a
+    damaged one, whose files a build would copy. (None, why) when there is none."""
+    try:
+        return choose_version(index_dir)
+    except IndexError_ as e:
+        return None, [str(e)]
+
+
+def _previous(path: Path | None, fingerprint: str, config: Config) -> _Previous:
     if not path or not (path / "embeddings.npy").exists():
         return _Previous()
     try:
@@ -219,8 +386,9 @@ def _tokens(chunks: list[Chunk], hashes: list[str], tokenizer: ChineseTokenizer,
 
 
 def document_changes(index_dir: Path, articles) -> dict[str, list[str]]:
-    """doc_ids added, changed, removed and unchanged since the current version."""
-    path = current_path(index_dir)
+    """doc_ids added, changed, removed and unchanged since the current version (or, when that is damaged, the
+    version that serves instead)."""
+    path, _ = _base(Path(index_dir))
     before: dict[str, str] = {}
     if path and (path / "manifest.json").exists():
         with contextlib.suppress(OSError, ValueError, KeyError):
@@ -237,8 +405,17 @@ def document_changes(index_dir: Path, articles) -> dict[str, list[str]]:
 
 @contextlib.contextmanager
 def build_lock(index_dir: Path):
-    index_dir.mkdir(parents=True, exist_ok=True)
-    with open(index_dir / ".build.lock", "w") as fh:
+    """Held by a build or a rollback; IndexError_ when another holds it or the folder cannot be written."""
+    index_dir = Path(index_dir)
+    if index_dir.exists() and not index_dir.is_dir():
+        raise IndexError_(f"{index_dir} is a file, not an index folder; choose another --index")
+    try:
+        index_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(index_dir / ".build.lock", "a")
+    except OSError as e:
+        raise IndexError_(f"cannot write to {index_dir} ({e.strerror or _one_line(e)}); building or rolling back "
+                          "needs a writable index folder") from None
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -249,10 +426,46 @@ def build_lock(index_dir: Path):
 def build(config: Config, embedder, progress: Callable[[str], None] | None = None, strict: bool = False) -> BuildReport:
     """Parse, chunk, embed and index config.corpus_dir into a new version of config.index_dir.
 
-    Holds a lock for the whole build: a second build at the same time refuses clearly.
+    Holds a lock for the whole build: a second build at the same time refuses clearly. When nothing changed
+    since the current version, writes nothing and says so (BuildReport.unchanged): a new copy would push a
+    good version out of the KEEP_VERSIONS kept. A failed build leaves nothing new behind.
     """
-    with build_lock(Path(config.index_dir)):
-        return _build(config, embedder, progress, strict)
+    index_dir = Path(config.index_dir)
+    created = not os.path.lexists(index_dir)
+    with build_lock(index_dir):
+        try:
+            return _build(config, embedder, progress, strict)
+        except BaseException:
+            if created and not _folders(index_dir):  # only our lock file and leftovers: remove the folder we made
+                shutil.rmtree(index_dir, ignore_errors=True)
+            raise
+
+
+# Config fields that do not change what a build writes (paths, batch size): a change there is not a change.
+_NOT_BUILD_INPUTS = {"corpus_dir", "index_dir", "cache_dir", "embed_batch_size"}
+
+
+def _unchanged(path: Path, keys: list[str], config: Config, embedder) -> dict | None:
+    """The manifest of version `path` when a build now would write the same version: same articles (in order),
+    model, chunker, tokenizer and config; else None."""
+    manifest = _inspect(path).manifest
+    if manifest is None:
+        return None
+    inputs = {k: v for k, v in config.to_json().items() if k not in _NOT_BUILD_INPUTS}
+    same = (manifest["model"].get("name") == embedder.name
+            and manifest["model"].get("fingerprint") == embedder.fingerprint
+            and manifest.get("chunker_version") == CHUNKER_VERSION
+            and manifest.get("tokenizer_version") == TOKENIZER_VERSION
+            and manifest.get("libraries", {}).get("jieba") == _versions().get("jieba")
+            and {k: v for k, v in manifest["config"].items() if k not in _NOT_BUILD_INPUTS} == inputs)
+    if not same:
+        return None
+    try:
+        with (path / "article_terms.jsonl").open(encoding="utf-8") as fh:
+            before = [json.loads(line)["key"] for line in fh]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return manifest if before == keys else None
 
 
 def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
@@ -268,12 +481,21 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
         raise IndexError_(
             f"no articles found in {config.corpus_dir} (.txt, .md, .jsonl, .html or .docx files); add some and run `rag build` again"
         )
-    prev = _previous(Path(config.index_dir), embedder.fingerprint, config)
-    chunks, keys, per_article, chunked = [], [], [], 0
-    for a in articles:
-        keys.append(_article_key(a))
-        if keys[-1] in prev.articles:  # chunking an unchanged article again would give the same chunks
-            a_chunks, a_terms = prev.articles[keys[-1]]
+    base, problems = _base(Path(config.index_dir))
+    for problem in problems:
+        say(problem)
+    keys = [_article_key(a) for a in articles]
+    same = _unchanged(base, keys, config, embedder) if base and not problems else None
+    if same is not None:
+        changes = document_changes(Path(config.index_dir), articles)
+        say(f"nothing changed since index {same['version']}: no new version written")
+        chunks = same["counts"]["chunks"]
+        return BuildReport(base, {**same, "changes": changes}, skipped, 0, chunks, time.perf_counter() - t0, True)
+    prev = _previous(base, embedder.fingerprint, config)
+    chunks, per_article, chunked = [], [], 0
+    for a, key in zip(articles, keys):
+        if key in prev.articles:  # chunking an unchanged article again would give the same chunks
+            a_chunks, a_terms = prev.articles[key]
         else:
             a_chunks = chunk_article(a, config)
             a_terms = article_terms(a, a_chunks)
@@ -356,12 +578,28 @@ def _spans(chunks: list[Chunk], embedder, config: Config, prev: _Previous, say) 
 
 
 def _write_version(index_dir, manifest, config, articles, chunks, cache, vectors, bm25, terms, t0) -> Path:
+    versions = index_dir / "versions"
+    made_versions = not versions.exists()
+    tmp = versions / f".{manifest['version']}.tmp-{os.getpid()}"
+    try:
+        versions.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        return _write_files(tmp, index_dir, manifest, config, articles, chunks, cache, vectors, bm25, terms, t0)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing new behind
+        if made_versions:
+            with contextlib.suppress(OSError):
+                versions.rmdir()
+        if isinstance(e, OSError):
+            raise IndexError_(f"could not write a new index version in {versions} ({e.strerror or _one_line(e)}); "
+                              "the current index is unchanged") from None
+        raise
+
+
+def _write_files(tmp, index_dir, manifest, config, articles, chunks, cache, vectors, bm25, terms, t0) -> Path:
     import faiss
 
-    versions = index_dir / "versions"
-    versions.mkdir(parents=True, exist_ok=True)
-    tmp = versions / f".{manifest['version']}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    versions = tmp.parent
     with (tmp / "chunks.jsonl").open("w", encoding="utf-8") as fh:
         for c in chunks:
             fh.write(json.dumps(c.to_json(), ensure_ascii=False) + "\n")
@@ -388,6 +626,9 @@ def _write_version(index_dir, manifest, config, articles, chunks, cache, vectors
     validate(tmp)  # a version that cannot be read, or does not find its own chunks, never becomes current
     final = versions / manifest["version"]
     os.replace(tmp, final)
+    with _verified_lock:  # a rename keeps every file's size, mtime and inode: the verdict holds
+        if tmp in _verified:
+            _verified[final] = _verified.pop(tmp)
     _point_current(index_dir, final)
     _prune(versions, keep=KEEP_VERSIONS)
     return final
@@ -434,11 +675,7 @@ def _file_sha(path: Path) -> str:
 def validate(path: Path) -> Index:
     """Load a version folder and check it: file checksums, counts, and smoke queries that must find
     a chunk by its own vector and by its own words. Raises IndexError_ saying what failed."""
-    manifest = json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))
-    for name, expected in manifest.get("checksums", {}).items():
-        if _file_sha(Path(path) / name) != expected:
-            raise IndexError_(f"{Path(path) / name} does not match its checksum in the manifest; run `rag build`")
-    index = load(path)
+    index = load(path)  # verifies the manifest and every file's checksum
     probe = [0, len(index.chunks) // 2, len(index.chunks) - 1]
     _, ids = index.search_dense(index.vectors(probe), 10)
     if any(p not in row for p, row in zip(probe, ids.tolist())):
@@ -451,66 +688,99 @@ def validate(path: Path) -> Index:
 
 
 def list_versions(index_dir: Path) -> list[dict]:
-    """Complete versions, oldest first: version, built_at, documents, chunks, model, and which is current."""
-    versions = Path(index_dir) / "versions"
-    current = current_path(Path(index_dir))
+    """Every version folder, oldest first, whatever its state: version, built_at, documents, chunks, model (None
+    where the manifest cannot tell), whether it is current, and its `status`: "ok", or the problem in one line
+    ("damaged: dense.faiss does not match its checksum"), also in `problem` (None when ok). A `current` link to
+    a missing folder is listed too, as "missing".
+    """
+    index_dir = Path(index_dir)
+    target = _current_target(index_dir)
     out = []
-    for folder in sorted(versions.iterdir()) if versions.exists() else []:
-        manifest_path = folder / "manifest.json"
-        if folder.name.startswith(".") or not manifest_path.exists():
-            continue
-        m = json.loads(manifest_path.read_text(encoding="utf-8"))
-        out.append({"version": m["version"], "built_at": m["built_at"], "documents": m["counts"]["documents"],
-                    "chunks": m["counts"]["chunks"], "model": m["model"]["name"],
-                    "current": folder.resolve() == current, "path": str(folder)})
+    for folder in _folders(index_dir):
+        verdict = _inspect(folder)
+        m = verdict.manifest or {}
+        counts, model = m.get("counts") or {}, m.get("model") or {}
+        out.append({"version": folder.name, "built_at": m.get("built_at"), "documents": counts.get("documents"),
+                    "chunks": counts.get("chunks"), "model": model.get("name"), "current": folder.resolve() == target,
+                    "path": str(folder), "status": verdict.problem or "ok", "problem": verdict.problem})
+    if target is not None and not any(v["current"] for v in out):
+        problem = _inspect(target).problem or "not under versions/"
+        out.append({"version": target.name, "built_at": None, "documents": None, "chunks": None, "model": None,
+                    "current": True, "path": str(target), "status": problem, "problem": problem})
+        out.sort(key=lambda v: v["version"])
     return out
 
 
 def rollback(index_dir: Path, version: str | None = None) -> dict:
-    """Point `current` at `version`, or at the version before the current one."""
-    with build_lock(Path(index_dir)):
+    """Point `current` at `version`, or at the newest intact version before the current one.
+
+    Works whatever state the versions are in; refuses a damaged target, saying which ones are good.
+    """
+    index_dir = Path(index_dir)
+    with build_lock(index_dir):
         versions = list_versions(index_dir)
-        names = [v["version"] for v in versions]
+        current = next((v for v in versions if v["current"]), None)
+        good = [v for v in versions if v["problem"] is None and not v["current"]]
         if version is None:
-            at = next((i for i, v in enumerate(versions) if v["current"]), len(versions))
-            if at == 0 or not versions:
-                raise IndexError_(f"no earlier index version in {index_dir} to roll back to (see `rag index list`)")
-            target = versions[at - 1]
-        elif version in names:
-            target = versions[names.index(version)]
+            earlier = [v for v in good if current is None or v["version"] < current["version"]]
+            if not earlier:
+                raise IndexError_(f"no earlier intact index version in {index_dir} to roll back to "
+                                  "(see `rag index list`); run `rag build`")
+            target = earlier[-1]
         else:
-            raise IndexError_(f"no index version {version!r} in {index_dir}; `rag index list` shows them")
+            target = next((v for v in versions if v["version"] == version), None)
+            if target is None:
+                raise IndexError_(f"no index version {version!r} in {index_dir}; `rag index list` shows them")
+            if target["problem"] is not None:
+                others = ", ".join(v["version"] for v in good) or "none; run `rag build`"
+                raise IndexError_(f"index version {version} is {target['problem']}; roll back to an intact one "
+                                  f"({others})")
         load(Path(target["path"]))  # never point `current` at a version that does not load
-        _point_current(Path(index_dir), Path(target["path"]))
-        return target
+        try:
+            _point_current(index_dir, Path(target["path"]))
+        except OSError as e:
+            raise IndexError_(f"cannot point {index_dir / 'current'} at {target['version']} "
+                              f"({e.strerror or _one_line(e)}); the index folder must be writable") from None
+        return {**target, "current": True}
 
 
 def load(path: Path, model_name: str | None = None) -> Index:
-    """Load an index folder (a version folder, or an index dir whose `current` points to one).
+    """Load an index folder (a version folder, or an index dir whose `current` points to one), after verifying
+    its manifest and checksums. Strict: a damaged version raises; open_serving() falls back to a good one.
 
-    With `model_name`, refuse an index built with another embedding model.
+    With `model_name`, refuse an index built with another embedding model. Every failure is an IndexError_
+    with one line saying what to do.
     """
+    path = Path(path)
+    if os.path.lexists(path / "current") or (path / "versions").is_dir():
+        target = _current_target(path)
+        if target is None:
+            raise IndexError_(f"{path} has no `current` index version; run `rag index rollback` or `rag build`")
+        path = target
+    elif not (path / "manifest.json").exists():
+        raise IndexError_(f"no index at {path}; build one with `rag build --index {path}`")
+    problem = _inspect(path).problem
+    if problem is not None:
+        advice = "rebuild it with `rag build`" if problem.startswith("outdated") else \
+            "run `rag build` to write a good version, or `rag index rollback` (see `rag index list`)"
+        raise IndexError_(f"the index at {path} is {problem}; {advice}")
+    manifest = _inspect(path).manifest
+    wrong_model = _model_problem(manifest, model_name)
+    if wrong_model:
+        raise IndexError_(f"the index at {path} was {wrong_model}; rebuild it with `rag build` or use "
+                          f"--model {manifest['model'].get('name')}")
+    try:
+        return _read(path, manifest)
+    except IndexError_:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError) as e:  # RuntimeError: faiss
+        raise IndexError_(f"the index at {path} cannot be read ({_one_line(e)}); run `rag build` to write a good "
+                          "version, or `rag index rollback`") from None
+
+
+def _read(path: Path, manifest: dict) -> Index:
     import faiss
 
-    path = Path(path)
-    if (path / "current").exists():
-        path = (path / "current").resolve()
-    manifest_path = path / "manifest.json"
-    if not manifest_path.exists():
-        raise IndexError_(f"no index at {path}; build one with `rag build --index {path}`")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    found = manifest.get("format_version")
-    if found != FORMAT_VERSION:
-        raise IndexError_(
-            f"the index at {path} has format version {found}, this program reads {FORMAT_VERSION}; "
-            "rebuild it with `rag build`"
-        )
-    built_with = manifest["model"]["name"]
-    if model_name and built_with != model_name:
-        raise IndexError_(
-            f"the index at {path} was built with the embedding model {built_with!r}, not {model_name!r}; "
-            f"rebuild it with `rag build` or use --model {built_with}"
-        )
     chunks = [Chunk(**json.loads(line)) for line in (path / "chunks.jsonl").open(encoding="utf-8")]
     documents = {}
     for line in (path / "documents.jsonl").open(encoding="utf-8"):
@@ -533,4 +803,10 @@ def load(path: Path, model_name: str | None = None) -> Index:
     spans = np.load(path / "spans.npy")
     if len(spans) != counts.get("spans", -1):
         raise IndexError_(f"the index at {path} is inconsistent (spans differ from its manifest); run `rag build`")
-    return Index(path, manifest, chunks, documents, dense, BM25.load(path), ChineseTokenizer(terms), speakers, spans)
+    # Mapped now, not on first use: a file removed later stays readable through its mapping.
+    vectors = np.load(path / "embeddings.npy", mmap_mode="r")
+    span_vectors = np.load(path / "span_embeddings.npy", mmap_mode="r")
+    if len(vectors) != len(chunks) or len(span_vectors) != len(spans):
+        raise IndexError_(f"the index at {path} is inconsistent (embeddings differ from its chunks); run `rag build`")
+    return Index(path, manifest, chunks, documents, dense, BM25.load(path), ChineseTokenizer(terms), speakers, spans,
+                 _vectors=vectors, _span_vectors=span_vectors)

@@ -10,7 +10,8 @@ from typing import Callable
 from .chunking import CHUNKER_VERSION
 from .config import Config
 from .corpus import CorpusError, load_corpus
-from .index import FORMAT_VERSION, BuildReport, IndexError_, build, current_path, document_changes
+from .index import (FORMAT_VERSION, BuildReport, IndexError_, build, check_version, choose_version, current_path,
+                    document_changes)
 
 
 def stale_reasons(config: Config, embedder) -> list[str]:
@@ -21,6 +22,9 @@ def stale_reasons(config: Config, embedder) -> list[str]:
     path = current_path(Path(config.index_dir))
     if path is None or not (path / "manifest.json").exists():
         return [f"no index at {config.index_dir}"]
+    problem = check_version(path)
+    if problem is not None and not problem.startswith("outdated"):
+        return [f"the current index version {path.name} is {problem}"]
     try:
         manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -49,12 +53,22 @@ def stale_reasons(config: Config, embedder) -> list[str]:
 
 
 def ensure_index(config: Config, embedder, say: Callable[[str], None] = lambda msg: None) -> BuildReport | None:
-    """Build the index when it is missing or stale; None when it was already current."""
+    """Build the index when it is missing, stale or damaged; None when it was already current, or when it cannot
+    be rebuilt (a read-only folder, another build running, a corpus that fails) but a version can serve: then
+    `say` gets one line saying so. Raises IndexError_ or CorpusError only when there is nothing to serve."""
     reasons = stale_reasons(config, embedder)
     if not reasons:
         return None
     say(f"building the index: {'; '.join(reasons)}")
-    return build(config, PacedEmbedder(embedder), progress=say)
+    try:
+        return build(config, PacedEmbedder(embedder), progress=say)
+    except (IndexError_, CorpusError) as e:
+        try:
+            path, _ = choose_version(Path(config.index_dir), config.model)
+        except IndexError_:
+            raise e from None
+        say(f"the index was not rebuilt ({e}); serving version {path.name} as it is")
+        return None
 
 
 def index_status(index) -> dict:

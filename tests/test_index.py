@@ -56,11 +56,16 @@ def test_faiss_search_equals_numpy_brute_force(built, fake_embedder):
         np.testing.assert_allclose(brute[row][ids[row]], scores[row], rtol=1e-5, atol=1e-6)
 
 
+def add_article(config, name: str, text: str = "读书日活动\n图书馆举办读书日活动。馆长作了讲话。") -> None:
+    (config.corpus_dir / f"{name}.txt").write_text(text, encoding="utf-8")
+
+
 def test_rebuild_reuses_vectors_of_unchanged_chunks(built, fake_embedder):
     config, first = built
-    assert first.embedded == first.manifest["counts"]["chunks"] and first.reused == 0
+    assert first.embedded == first.manifest["counts"]["chunks"] and first.reused == 0 and not first.unchanged
+    add_article(config, "new")
     second = build(config, fake_embedder)
-    assert second.embedded == 0 and second.reused == first.embedded
+    assert second.reused == first.embedded and 0 < second.embedded < first.embedded
     assert second.path != first.path and load(config.index_dir).version == second.manifest["version"]
 
 
@@ -135,10 +140,11 @@ def test_versions_list_and_rollback(built, fake_embedder):
     from rag.index import list_versions, rollback
 
     config, first = built
+    add_article(config, "new")
     second = build(config, fake_embedder)
     versions = list_versions(config.index_dir)
     assert [v["version"] for v in versions] == [first.manifest["version"], second.manifest["version"]]
-    assert [v["current"] for v in versions] == [False, True]
+    assert [v["current"] for v in versions] == [False, True] and [v["status"] for v in versions] == ["ok", "ok"]
     back = rollback(config.index_dir)
     assert back["version"] == first.manifest["version"] == load(config.index_dir).version
     with pytest.raises(IndexError_, match="no earlier"):
@@ -299,9 +305,11 @@ def test_live_qa_switches_to_a_new_version_and_survives_a_bad_one(built, fake_em
     live = LiveQA(config, fake_embedder)
     old = live.get()
     assert old.index.version == first.manifest["version"] and live.get() is old
+    add_article(config, "second")
     second = build(config, fake_embedder)
     new = live.get()
     assert new is not old and new.index.version == second.manifest["version"]
+    add_article(config, "third", "运动会\n学校举办运动会。")
     third = build(config, fake_embedder)
     (third.path / "manifest.json").write_text("{broken", encoding="utf-8")
     assert live.get() is new  # the broken version never replaces the working one

@@ -5,19 +5,23 @@ everything shared between sessions (the index, the model, the feedback file) is 
 owns its own locking.
 """
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import hashlib
 import hmac
 import html
 import re
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
-from rag.answering import Answer, LiveQA
+from rag.answering import QA, Answer, LiveQA
 from rag.config import Config
-from rag.conversation import example_questions, next_focus, rewrite
+from rag.conversation import checked_examples, next_focus, rewrite
 from rag.corpus import CorpusError
 from rag.feedback import FeedbackStore
 from rag.generation import GenerationError, Retry
@@ -25,7 +29,8 @@ from rag.index import IndexError_
 from rag.rendering import answer_html, answer_text, message_html, writing_html
 from rag.retrieval import Filters
 from rag.serving import Rebuilder, describe, ensure_index, index_status
-from rag.uploads import ALLOWED_SUFFIXES, MAX_UPLOAD_BYTES, Upload, UploadError, add_uploads, inspect_upload
+from rag.uploads import (ALLOWED_SUFFIXES, MAX_UPLOAD_BYTES, Upload, UploadError, UploadQuota, add_uploads,
+                         fresh_upload_dir, inspect_upload)
 
 TITLE = "学校新闻问答"
 NO_INDEX = "还没有可用的索引，暂时无法回答。请管理员在「管理」标签页上传文章并重建索引，或在服务器上运行 `rag build`。"
@@ -35,6 +40,8 @@ REBUILDING = "索引正在更新：本回答来自当前版本 {version}，更�
 TYPING_STEPS = 8  # pieces an answer is typed out in
 TYPING_DELAY = 0.03  # seconds between pieces
 SHOWN_QUESTION_CHARS = 300  # a very long question is shown shortened in the chat
+REFRESH_SECONDS = 5  # how often an open page checks whether a rebuild changed the index
+UPLOAD_DIR = Path(tempfile.gettempdir()) / "rag-uploads"  # ours alone, emptied at start-up
 
 CSS = """
 .rag-answer-text { font-size: 1.02em; }
@@ -47,7 +54,36 @@ CSS = """
 .rag-excerpt { margin: 4px 0; }
 .rag-source mark { background: #fde68a; padding: 0 2px; }
 .rag-full summary { cursor: pointer; color: #2563eb; }
+.rag-login-error { color: #b91c1c; background: #fef2f2; border: 1px solid #fecaca; font-weight: 600;
+                   padding: 6px 10px; border-radius: 6px; white-space: normal; overflow-wrap: anywhere; }
+.upload-table td, .upload-table th { padding: 4px 8px; vertical-align: top; }
+.upload-warn { color: #92400e; }
+/* Icons drawn with CSS: emoji fonts are often missing on office machines, and ✅ shows as an empty box. */
+.rag-icon { display: inline-block; vertical-align: -0.1em; margin-right: 0.35em; }
+.rag-icon-ok { width: 0.35em; height: 0.7em; border: solid #16a34a; border-width: 0 0.16em 0.16em 0;
+               transform: rotate(45deg); margin-left: 0.15em; }
+.rag-icon-bad, .rag-icon-warn { width: 1.1em; height: 1.1em; border-radius: 50%; color: #fff; font-weight: 700;
+                                font-size: 0.8em; line-height: 1.1em; text-align: center; }
+.rag-icon-bad { background: #dc2626; }
+.rag-icon-bad::before { content: "×"; }
+.rag-icon-warn { background: #d97706; }
+.rag-icon-warn::before { content: "!"; }
 """
+ICON_OK, ICON_BAD, ICON_WARN = ('<span class="rag-icon rag-icon-ok"></span>', '<span class="rag-icon rag-icon-bad"></span>',
+                                '<span class="rag-icon rag-icon-warn"></span>')
+# After an answer, show its first line: Gradio scrolls the chat to the bottom, where the sources end.
+SHOW_ANSWER_JS = """() => {
+  const show = () => {
+    const replies = document.querySelectorAll('#chatbot .rag-answer, #chatbot .rag-notice');
+    const last = replies[replies.length - 1];
+    if (!last) return;
+    let box = last.parentElement;
+    while (box && box !== document.body && box.scrollHeight <= box.clientHeight + 1) box = box.parentElement;
+    if (!box || box === document.body) return;
+    box.scrollTop += last.getBoundingClientRect().top - box.getBoundingClientRect().top - 8;
+  };
+  for (const ms of [0, 150, 500]) setTimeout(show, ms);
+}"""
 
 
 def _fresh_session() -> dict:
@@ -69,6 +105,91 @@ def _filters(speakers, date_from: str, date_to: str) -> Filters:
     return Filters(speakers=tuple(speakers or ()), date_from=days[0], date_to=days[1])
 
 
+def _filter_problem(filters: Filters, chunks) -> str | None:
+    """Why no passage can pass `filters`, in Chinese; None when some can (or there are no filters).
+
+    Said instead of answering, so that "文章中没有提到" is never the filter's fault.
+    """
+    if not filters:
+        return None
+    if filters.date_from and filters.date_to and filters.date_from > filters.date_to:
+        return f"起始日期 {filters.date_from} 晚于截止日期 {filters.date_to}，没有文章能同时满足，请调整日期。"
+    known = {c.speaker for c in chunks if c.speaker}
+    unknown = [s for s in filters.speakers if s not in known]
+    if unknown and len(unknown) == len(filters.speakers):
+        return f"索引中没有发言人「{'、'.join(unknown)}」，请从发言人列表中选择。"
+    if any(filters.allows(c) for c in chunks):
+        return None
+    days = sorted(c.date[:10] for c in chunks if c.date)
+    span = f"（已收录的文章在 {days[0]} 至 {days[-1]} 之间）" if days else ""
+    return f"没有文章符合筛选条件（{_describe_filters(filters)}）{span}，请放宽筛选后再问。"
+
+
+def _describe_filters(filters: Filters) -> str:
+    parts = []
+    if filters.speakers:
+        parts.append("发言人：" + "、".join(filters.speakers))
+    if filters.date_from or filters.date_to:
+        parts.append(f"日期：{filters.date_from or '最早'} 至 {filters.date_to or '最新'}")
+    return "；".join(parts)
+
+
+def _local_time(stamp: str | None) -> str:
+    """An ISO time as the server's local, readable time: "2024-05-01T08:30:00+00:00" -> "2024-05-01 16:30" in +08."""
+    try:
+        moment = dt.datetime.fromisoformat(stamp or "")
+    except ValueError:
+        return stamp or "（未知）"
+    if moment.tzinfo is not None:
+        moment = moment.astimezone()
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+class LoginGuard:
+    """The operators' password, checked in constant time, with a per-client back-off and lockout.
+
+    After a wrong password a client waits 1 s, then 2, 4, 8 … before it may try again; after
+    `lock_after` wrong passwords in a row it is locked out for `lockout` seconds. Nothing sleeps:
+    an early try is refused at once with how long to wait, so a guesser never ties up a worker and
+    never slows another client's login. A right password clears the client's record.
+    """
+
+    def __init__(self, password: str, *, lock_after: int = 5, lockout: float = 900.0, clock=time.monotonic):
+        self._digest = hashlib.sha256(password.encode()).digest()
+        self.lock_after, self.lockout, self.clock = lock_after, lockout, clock
+        self._failures: dict[str, tuple[int, float]] = {}  # client -> (wrong passwords in a row, may try again at)
+        self._lock = threading.Lock()
+
+    def attempt(self, client: str, password: str | None) -> tuple[bool, str]:
+        """(True, "") for the right password; else (False, a message in Chinese saying what to do)."""
+        now = self.clock()
+        with self._lock:
+            failures, until = self._failures.get(client, (0, 0.0))
+            if now < until:
+                return False, f"尝试太频繁，请 {_wait_text(until - now)}后再试。"
+            # Digests have one length, so compare_digest's time does not depend on the guess either.
+            if hmac.compare_digest(hashlib.sha256((password or "").encode()).digest(), self._digest):
+                self._failures.pop(client, None)
+                return True, ""
+            failures += 1
+            if failures >= self.lock_after:
+                self._failures[client] = (0, now + self.lockout)
+                return False, f"密码不正确。错误次数过多，已锁定，请 {_wait_text(self.lockout)}后再试。"
+            self._failures[client] = (failures, now + 2.0 ** (failures - 1))
+            return False, f"密码不正确。请 {_wait_text(2.0 ** (failures - 1))}后再试。"
+
+
+def _wait_text(seconds: float) -> str:
+    """_wait_text(0.2) -> "1 秒"; _wait_text(900) -> "15 分钟" """
+    seconds = max(1, int(-(-seconds // 1)))
+    return f"{seconds} 秒" if seconds < 60 else f"{-(-seconds // 60)} 分钟"
+
+
+def _client(request) -> str:
+    """Who is asking, for per-client limits: the peer address (behind a proxy, every client shares one)."""
+    return getattr(getattr(request, "client", None), "host", None) or "unknown"
+
+
 def _shown_question(question: str) -> str:
     if len(question) <= SHOWN_QUESTION_CHARS:
         return question
@@ -81,11 +202,19 @@ def _dates(qa) -> tuple[str, str]:
 
 
 def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
-               admin_password: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES):
-    """The page; serve() adds the queue and launches it."""
+               admin_password: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               upload_dir: Path = UPLOAD_DIR):
+    """The page; serve() adds the queue and launches it.
+
+    Launching it (by whoever) bounds uploads per client into `upload_dir`, emptied at start-up, and
+    shows Gradio's own texts in Chinese (see _page_class).
+    """
     import gradio as gr
 
     config = rebuilder.config
+    guard = LoginGuard(admin_password) if admin_password else None
+    examples_by_version: dict[str, list[str]] = {}  # index version -> example questions checked against it
+    examples_lock = threading.Lock()
 
     def current_qa():
         """(qa, None), or (None, message) when there is no index to answer from."""
@@ -96,6 +225,23 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
 
     def note_for(qa) -> str | None:
         return REBUILDING.format(version=qa.index.version) if rebuilder.running else None
+
+    def check_examples(qa) -> list[str]:
+        """The example questions for qa's index, each answered well by the extractive answerer (once per version)."""
+        with examples_lock:
+            version = qa.index.version
+            if version not in examples_by_version:
+                # Extractive even when an LLM writes the chat's answers: a quick check of what the passages support.
+                checker = QA.over(qa.index, qa.retriever.embedder, qa.config)
+                examples_by_version[version] = checked_examples(qa.index.chunks, checker.ask, qa.index.speakers)
+            return examples_by_version[version]
+
+    def examples_ready(qa) -> list[str] | None:
+        """The checked examples if done; else None, with the check started in the background."""
+        found = examples_by_version.get(qa.index.version)
+        if found is None and not examples_lock.locked():
+            threading.Thread(target=check_examples, args=(qa,), daemon=True).start()
+        return found
 
     # ------------------------------------------------------------------ chat
 
@@ -111,6 +257,8 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
                 filters = _filters(speakers, date_from, date_to)
             except ValueError as e:
                 problem = str(e)
+            else:
+                problem = _filter_problem(filters, qa.index.chunks)
         if problem is not None:
             history.append({"role": "assistant", "content": message_html(problem, "rag-notice")})
             yield "", history, session
@@ -163,6 +311,8 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
             filters = _filters([s for s in re.split(r"[,，、\s]+", speaker or "") if s], date_from, date_to)
         except ValueError as e:
             return str(e)
+        if (problem := _filter_problem(filters, qa.index.chunks)) is not None:
+            return problem
         question = question or ""
         try:
             answer = qa.ask(question, filters=filters)
@@ -176,20 +326,32 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
             return  # a notice, not an answer: nothing to rate
         rating = {True: "up", False: "down"}.get(data.liked, "none")
         feedback.add(rating=rating, **turn)
-        gr.Info("谢谢，反馈已记录。" if rating != "none" else "已撤回反馈。")
+        gr.Info("谢谢，反馈已记录。" if rating != "none" else "已撤回反馈。", title="提示")
 
-    def on_load():
+    def page_info(shown=None):
+        """Header, filters and examples for the index now served; all skipped when `shown` already matches.
+
+        `shown`: what this page shows, (version, whether its examples are the checked ones).
+        """
         qa, problem = current_qa()
         if qa is None:
+            now = (None, False)
+            if now == shown:
+                return (gr.skip(),) * 6
             return (gr.update(choices=[]), gr.update(placeholder=""), gr.update(placeholder=""),
-                    gr.update(samples=[]), f"⚠️ {problem}")
+                    gr.update(samples=[]), f"**注意：** {problem}", now)
+        examples = examples_ready(qa)
+        now = (qa.index.version, examples is not None)
+        if now == shown:
+            return (gr.skip(),) * 6
         first, last = _dates(qa)
         status = index_status(qa.index)
         return (gr.update(choices=sorted(qa.index.speakers)),
                 gr.update(placeholder=f"最早 {first}" if first else "YYYY-MM-DD"),
                 gr.update(placeholder=f"最新 {last}" if last else "YYYY-MM-DD"),
-                gr.update(samples=[[q] for q in example_questions(qa.index.chunks)]),
-                f"当前索引：{status['documents']} 篇文章、{status['chunks']} 个段落（版本 {status['version']}）")
+                gr.update(samples=[[q] for q in examples or []]),
+                f"当前索引：{status['documents']} 篇文章、{status['chunks']} 个段落（版本 {status['version']}）",
+                now)
 
     # ------------------------------------------------------------------ operators
 
@@ -199,18 +361,22 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
             return f"**索引状态：** {problem}"
         s = index_status(qa.index)
         return (f"| 文章数 | 段落数 | 嵌入模型 | 构建时间 | 版本 |\n|---|---|---|---|---|\n"
-                f"| {s['documents']} | {s['chunks']} | {s['model']} | {s['built_at']} | {s['version']} |")
+                f"| {s['documents']} | {s['chunks']} | {s['model']} | {_local_time(s['built_at'])} | {s['version']} |")
 
-    def login(password, _ok):
-        if admin_password and hmac.compare_digest((password or "").encode(), admin_password.encode()):
-            return True, gr.update(visible=False), gr.update(visible=True), "", admin_status()
-        time.sleep(1)  # slows down guessing
-        return False, gr.update(), gr.update(), "密码不正确。", ""
+    def login(password, _ok, request: gr.Request):
+        ok, message = guard.attempt(_client(request), password)
+        if ok:
+            return True, gr.update(visible=False), gr.update(visible=True), "", admin_status(), gr.update(value="")
+        return (False, gr.update(), gr.update(), f'<div class="rag-login-error" role="alert">{html.escape(message)}</div>',
+                "", gr.update(value=""))
+
+    def logout():
+        return False, gr.update(visible=True), gr.update(visible=False), "", "", [], None, ""
 
     def require(ok):
         # Every operators' handler checks the session's login, not just the hidden layout.
         if not ok:
-            raise gr.Error("请先输入管理密码。")
+            raise gr.Error("请先输入管理密码。", title="错误")
 
     def refreshed_status(ok):
         require(ok)
@@ -235,20 +401,21 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
         require(ok)
         accepted = [u for u in uploads or [] if u.ok]
         if not accepted:
-            yield uploads, gr.update(), "没有可以添加的文件：请先上传并检查预览中的结果。", admin_status()
+            yield uploads, gr.update(), gr.update(), "没有可以添加的文件：请先上传并检查预览中的结果。", admin_status()
             return
         if rebuilder.running:
-            yield uploads, gr.update(), "已有一次重建正在进行，请等它完成后再添加。", admin_status()
+            yield uploads, gr.update(), gr.update(), "已有一次重建正在进行，请等它完成后再添加。", admin_status()
             return
         try:
             written = add_uploads(accepted, config.corpus_dir)
         except UploadError as e:
-            yield uploads, gr.update(), str(e), admin_status()
+            yield uploads, gr.update(), gr.update(), str(e), admin_status()
             return
         added = "、".join(p.name for p in written)
+        shown = _preview_html(uploads, added=True)  # what was added stays listed, marked as added
         rebuilder.start()
         for progress, status in watch_rebuild(prefix=f"已添加：{added}\n"):
-            yield [], None, progress, status
+            yield [], None, shown, progress, status
 
     def rebuild_only(ok):
         require(ok)
@@ -271,16 +438,18 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
     # ------------------------------------------------------------------ layout
 
     # No analytics: a university server has no business phoning home, and may be offline.
-    # delete_cache: uploaded files (in Gradio's temp folder) are gone within two hours.
-    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+    # delete_cache: uploaded files are gone within two hours; the rest at the next start-up.
+    with _page_class()(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"## {TITLE}\n根据学校新闻报道回答问题，并给出每个回答的出处。")
         status_line = gr.Markdown(elem_id="index-status")
         session = gr.State(_fresh_session())
+        shown = gr.State(None)  # (index version, examples checked) this page shows; see page_info
         with gr.Tabs():
             with gr.Tab("问答", id="chat"):
                 with gr.Row():
                     with gr.Column(scale=4):
-                        chatbot = gr.Chatbot(label="对话", height=560, elem_id="chatbot",
+                        # No floating label: it covered the first line of the answer scrolled into view.
+                        chatbot = gr.Chatbot(label="对话", show_label=False, height=560, elem_id="chatbot",
                                              feedback_options=("Like", "Dislike"), group_consecutive_messages=False,
                                              placeholder="在下方输入问题，例如「报告会在哪里举行？」")
                         with gr.Row():
@@ -300,13 +469,17 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
                     with gr.Column(visible=True) as login_box:
                         password = gr.Textbox(label="管理密码", type="password", elem_id="admin-password")
                         login_button = gr.Button("登录", elem_id="admin-login")
-                        login_message = gr.Markdown()
+                        login_message = gr.HTML(elem_id="admin-login-message")
                     with gr.Column(visible=False) as admin_box:
                         status = gr.Markdown(elem_id="admin-status")
-                        refresh = gr.Button("刷新状态")
+                        with gr.Row():
+                            refresh = gr.Button("刷新状态")
+                            logout_button = gr.Button("退出登录", elem_id="admin-logout")
+                        # No file_types: Gradio would refuse a whole batch in English; the preview refuses
+                        # each unsupported file by itself, in Chinese.
                         files = gr.File(label=f"上传文章（{'、'.join(ALLOWED_SUFFIXES)}，每个不超过 "
-                                              f"{max_upload_bytes / 1e6:.0f} MB）", file_count="multiple",
-                                        file_types=list(ALLOWED_SUFFIXES), type="filepath", elem_id="upload")
+                                              f"{max_upload_bytes / 2**20:.0f} MB）", file_count="multiple",
+                                        type="filepath", elem_id="upload")
                         previews = gr.HTML(elem_id="upload-preview")
                         with gr.Row():
                             add = gr.Button("添加到语料库并重建索引", variant="primary", elem_id="add-rebuild")
@@ -316,43 +489,227 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
         chat_inputs = [question, chatbot, session, speakers, date_from, date_to]
         chat_outputs = [question, chatbot, session]
         for trigger in (question.submit, send.click):
-            trigger(respond, chat_inputs, chat_outputs, concurrency_id="answer", api_visibility="private")
+            trigger(respond, chat_inputs, chat_outputs, concurrency_id="answer", api_visibility="private").then(
+                None, js=SHOW_ANSWER_JS)
         examples.click(lambda sample: sample[0], examples, question, api_visibility="private").then(
-            respond, chat_inputs, chat_outputs, concurrency_id="answer", api_visibility="private")
+            respond, chat_inputs, chat_outputs, concurrency_id="answer", api_visibility="private").then(
+            None, js=SHOW_ANSWER_JS)
         clear.click(lambda: ([], _fresh_session()), None, [chatbot, session], api_visibility="private")
         chatbot.clear(_fresh_session, None, session, api_visibility="private")
         chatbot.like(rate, session, None, api_visibility="private")
         gr.api(chat, api_name="chat", concurrency_id="answer")
-        demo.load(on_load, None, [speakers, date_from, date_to, examples, status_line], api_visibility="private")
+        info_outputs = [speakers, date_from, date_to, examples, status_line, shown]
+        meta = {"api_visibility": "private", "concurrency_id": "page-info", "concurrency_limit": None,
+                "show_progress": "hidden"}
+        demo.load(page_info, None, info_outputs, **meta)
+        # Every open page picks up a rebuild (new counts, speakers, examples) without a reload.
+        gr.Timer(REFRESH_SECONDS).tick(page_info, shown, info_outputs, **meta)
 
         if admin_password:
             admin_ok = gr.State(False)  # this session logged in; checked by every operators' handler
             staged = gr.State([])  # the checked uploads waiting for "添加"
             private = {"api_visibility": "private", "concurrency_id": "admin", "concurrency_limit": 2}
-            login_outputs = [admin_ok, login_box, admin_box, login_message, status]
-            login_button.click(login, [password, admin_ok], login_outputs, **private)
-            password.submit(login, [password, admin_ok], login_outputs, **private)
+            login_outputs = [admin_ok, login_box, admin_box, login_message, status, password]
+            # Logins have their own queue: a rebuild being watched, or a guesser, never delays one.
+            quick = {"api_visibility": "private", "concurrency_id": "login", "concurrency_limit": None}
+            login_button.click(login, [password, admin_ok], login_outputs, **quick)
+            password.submit(login, [password, admin_ok], login_outputs, **quick)
+            logout_button.click(logout, None, [admin_ok, login_box, admin_box, login_message, status, staged,
+                                               files, previews], **quick)
             refresh.click(refreshed_status, admin_ok, status, **private)
             files.upload(preview, [files, admin_ok], [staged, previews], **private)
             files.clear(lambda: ([], ""), None, [staged, previews], **private)
-            add.click(add_and_rebuild, [staged, admin_ok], [staged, files, progress, status], **private)
-            rebuild.click(rebuild_only, admin_ok, [progress, status], **private)
+            add.click(add_and_rebuild, [staged, admin_ok], [staged, files, previews, progress, status],
+                      **private).then(page_info, None, info_outputs, **meta)
+            rebuild.click(rebuild_only, admin_ok, [progress, status], **private).then(
+                page_info, None, info_outputs, **meta)
+    demo.upload_dir, demo.max_upload_bytes = Path(upload_dir), max_upload_bytes
+    qa, _ = current_qa()
+    if qa is not None:  # start-up: check the example questions now, not when the first page asks
+        examples_ready(qa)
     return demo
 
 
-def _preview_html(uploads) -> str:
+@functools.cache
+def _page_class():
+    """gr.Blocks that launches with the chat's guards, whoever launches it (serve(), a test):
+
+    - uploads go to the page's own folder, emptied at start-up, bounded per client (UploadQuota) and
+      per file (Gradio's max_file_size);
+    - Gradio's own texts (buttons, toasts) are in Chinese whatever the browser's language.
+    Arguments given to launch() win over these defaults.
+    """
+    import gradio as gr
+    from starlette.middleware import Middleware
+
+    class Page(gr.Blocks):
+        upload_dir: Path = UPLOAD_DIR
+        max_upload_bytes: int = MAX_UPLOAD_BYTES
+
+        def launch(self, *args, **kwargs):
+            limit = self.max_upload_bytes
+            kwargs.setdefault("max_file_size", limit)
+            kwargs.setdefault("css", CSS)
+            app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+            # A batch of a few files per request; per client per hour, 30 requests and 8 files' worth.
+            quota = UploadQuota(max_request_bytes=4 * limit + 2**16, max_requests=30, max_bytes=8 * limit)
+            app_kwargs["middleware"] = [*app_kwargs.get("middleware", ()), Middleware(_ChineseUI, limit=limit),
+                                        Middleware(_BoundedUploads, quota=quota)]
+            app_kwargs["lifespan"] = _with_upload_dir(self.upload_dir, app_kwargs.get("lifespan"))
+            return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
+
+    return Page
+
+
+def _with_upload_dir(upload_dir: Path, lifespan=None):
+    """A lifespan that empties `upload_dir` and points Gradio's uploads there before the server takes requests."""
+
+    @contextlib.asynccontextmanager
+    async def start(app):
+        app.uploaded_file_dir = str(fresh_upload_dir(upload_dir))
+        if lifespan is None:
+            yield
+        else:
+            async with lifespan(app):
+                yield
+
+    return start
+
+
+def _header(scope, name: bytes) -> str | None:
+    return next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == name), None)
+
+
+async def _plain(send, status: int, text: str) -> None:
+    body = text.encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _BoundedUploads:
+    """ASGI middleware: each POST to Gradio's upload route is admitted by an UploadQuota first, by peer address."""
+
+    def __init__(self, app, quota: UploadQuota):
+        self.app, self.quota = app, quota
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/upload"):
+            length = _header(scope, b"content-length")
+            client = (scope.get("client") or ("unknown",))[0]
+            refusal = self.quota.admit(client, int(length) if length and length.isdigit() else None)
+            if refusal is not None:
+                await _plain(send, 413 if "一次最多" in refusal or "大小" in refusal else 429, refusal)
+                return
+        await self.app(scope, receive, send)
+
+
+# Runs before Gradio's scripts: its interface language follows navigator.language, so a staff member
+# whose browser is set to English would see "Like", "Copy message", "Clear". Toast titles ("Error",
+# "Info") and the upload size message are written in English by Gradio's scripts whatever the language:
+# those are translated as they appear.
+_CHINESE_UI_JS = r"""<script>(() => {
+  for (const [name, value] of [["language", "zh-CN"], ["languages", ["zh-CN", "zh"]]])
+    Object.defineProperty(Navigator.prototype, name, {get: () => value, configurable: true});
+  const titles = {Error: "错误", Warning: "注意", Info: "提示", Success: "完成"};
+  const messages = [
+    [/^File\(s\) exceed the maximum allowed size of [^:]*: (.*)$/s,
+     names => `文件超过 LIMIT MB 的上限，未上传：${names.replaceAll('"', "")}`],
+    [/^Invalid file types?: (.*?)\. Only .* allowed\.?$/s, names => `不支持的文件类型：${names}`],
+  ];
+  const translate = root => {
+    root.querySelectorAll?.(".toast-title").forEach(el => {
+      const text = el.firstElementChild?.firstChild ?? el.firstChild;
+      const word = text?.textContent?.trim();
+      if (text && titles[word]) text.textContent = titles[word] + " ";
+    });
+    root.querySelectorAll?.(".toast-message-text").forEach(el => {
+      for (const [pattern, chinese] of messages) {
+        const m = el.textContent.trim().match(pattern);
+        if (m) el.textContent = chinese(m[1]);
+      }
+    });
+  };
+  new MutationObserver(() => translate(document)).observe(document.documentElement,
+    {subtree: true, childList: true, characterData: true});
+})();</script>"""
+
+
+class _ChineseUI:
+    """ASGI middleware: the page's HTML gets `_CHINESE_UI_JS` at the top of <head> and lang="zh-CN"."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.script = _CHINESE_UI_JS.replace("LIMIT", f"{limit / 2**20:g}").encode()
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] != "GET" or not path.endswith("/") or "/gradio_api/" in path:
+            return await self.app(scope, receive, send)
+        start, chunks = None, []
+
+        async def hold(message):
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+                return
+            if message["type"] != "http.response.body":
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            headers = start["headers"]
+            if (_header(start, b"content-type") or "").startswith("text/html") and b"<head>" in body:
+                body = body.replace(b"<head>", b"<head>" + self.script, 1).replace(b'lang="en"', b'lang="zh-CN"', 1)
+                headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+                headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, hold)
+
+
+def _preview_html(uploads, added: bool = False) -> str:
+    """The preview table; `added`: the accepted files are now in the corpus (said so instead of 可以添加)."""
     e = html.escape
     rows = []
     for u in uploads:
         if not u.ok:
-            rows.append(f'<tr class="upload-bad"><td>{e(u.original)}</td><td colspan="5">❌ {e(u.error)}</td></tr>')
+            result = "未添加：" if added else ""
+            rows.append(f'<tr class="upload-bad"><td>{e(u.original)}</td>'
+                        f'<td colspan="5">{ICON_BAD}{result}{e(u.error)}</td></tr>')
             continue
         for a in u.articles:
-            rows.append(f'<tr class="upload-ok"><td>{e(u.original)} → {e(u.name)}</td><td>{e(a.title)}</td>'
+            result = f"{ICON_OK}已添加" if added else f"{ICON_OK}可以添加"
+            if a.warning:
+                result += f'<div class="upload-warn">{ICON_WARN}{e(a.warning)}</div>'
+            rows.append(f'<tr class="upload-ok{" upload-large" if a.warning else ""}">'
+                        f'<td>{e(u.original)} → {e(u.name)}</td><td>{e(a.title)}</td>'
                         f'<td>{e(a.date or "（无日期）")}</td><td>{e("、".join(a.speakers) or "（无）")}</td>'
-                        f'<td>{a.segments}</td><td>✅ 可以添加</td></tr>')
+                        f'<td>{a.segments}</td><td>{result}</td></tr>')
     head = "<tr><th>文件</th><th>标题</th><th>日期</th><th>发言人</th><th>段落数</th><th>结果</th></tr>"
     return f'<table class="upload-table">{head}{"".join(rows)}</table>' if rows else ""
+
+
+def _feedback_or_off(path: Path):
+    """The feedback store and how the start-up line describes it; a file that cannot be used (not SQLite,
+    another schema, not writable) turns ratings off instead of stopping the chat, and each 👍/👎 says so."""
+    import gradio as gr
+
+    from rag.feedback import DisabledFeedback, FeedbackError
+
+    try:
+        return FeedbackStore(path), str(path)
+    except FeedbackError as e:
+        problem = " ".join(str(e).split())
+        print(f"warning: feedback disabled: {problem}", file=sys.stderr, flush=True)
+
+    class Off(DisabledFeedback):
+        def add(self, **_rating) -> int:
+            raise gr.Error("反馈功能暂时关闭（反馈数据库无法使用），回答不受影响。请联系管理员。", title="提示")
+
+    return Off(path, problem), f"OFF ({problem})"
 
 
 def serve(config: Config, *, host: str, port: int, feedback_db: Path, admin_password: str | None = None,
@@ -386,8 +743,8 @@ def serve(config: Config, *, host: str, port: int, feedback_db: Path, admin_pass
     except IndexError_ as e:
         served = f"no index ({e})"
     rebuilder = Rebuilder(config, embedder, on_done=live.get)
-    demo = create_app(live, rebuilder, FeedbackStore(feedback_db), admin_password=admin_password,
-                      max_upload_bytes=max_upload_bytes)
+    feedback, feedback_note = _feedback_or_off(feedback_db)
+    demo = create_app(live, rebuilder, feedback, admin_password=admin_password, max_upload_bytes=max_upload_bytes)
     # Answers are CPU-bound and the model encodes one query at a time, so a few workers keep the
     # cores busy; more only queue inside the process instead of in Gradio's visible queue.
     demo.queue(default_concurrency_limit=concurrency)
@@ -395,7 +752,7 @@ def serve(config: Config, *, host: str, port: int, feedback_db: Path, admin_pass
                             max_file_size=max_upload_bytes, css=CSS, footer_links=["api"])
     url = url or f"http://{host}:{port}/"
     print(f"serving {url} — {served}", flush=True)
-    print(f"feedback: {feedback_db}; operators' tab: {'on' if admin_password else 'off (set RAG_ADMIN_PASSWORD)'}",
+    print(f"feedback: {feedback_note}; operators' tab: {'on' if admin_password else 'off (set RAG_ADMIN_PASSWORD)'}",
           flush=True)
     demo.block_thread()
 

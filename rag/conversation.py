@@ -1,8 +1,9 @@
-"""Follow-up questions without an LLM: whom "他" and "这个报告" refer to, and example questions from the index."""
+"""Follow-up questions without an LLM: whom "他" and "这个报告" refer to, and example questions from the index
+(kept only when the bot answers them well)."""
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from .chunking import Chunk, normalize
 
@@ -71,7 +72,7 @@ def next_focus(
     return previous
 
 
-def example_questions(chunks: Sequence[Chunk], limit: int = 6) -> list[str]:
+def example_questions(chunks: Sequence[Chunk], limit: int | None = 6) -> list[str]:
     """Questions a newcomer can click, drawn from the index: its speakers, their reports, its articles.
 
     For a chunk of 张根华 with report title 识变与求变 this gives "张根华讲了什么？" and
@@ -100,3 +101,38 @@ def example_questions(chunks: Sequence[Chunk], limit: int = 6) -> list[str]:
 def _interleave(*lists: list[str]) -> list[str]:
     """_interleave(["a", "b"], ["x"]) -> ["a", "x", "b"]"""
     return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
+
+
+_SPEAKER_ASKED = re.compile(r"(?P<name>.+)讲了什么？")
+_DATE = re.compile(r"\d{4}年|\d{1,2}月\d{1,2}日|\d{4}-\d{1,2}-\d{1,2}")
+
+
+def well_answered(question: str, answer, speakers: Iterable[str]) -> bool:
+    """Whether `answer` (an rag.answering.Answer) is one to show off for an example question.
+
+    It must be found (the fitted gate is confident) and cited, and give what the question's form asks:
+    "X讲了什么？" cites X's own words, not a passage that only names X ("王沪宁、栗战书、杨洁篪出席。");
+    "《…》是谁作的报告？" names a speaker; "「…」是哪天发布的？" contains a date.
+    """
+    if not answer.found or answer.error or not answer.citations:
+        return False
+    if (m := _SPEAKER_ASKED.fullmatch(question)):
+        return any(c.speaker == m.group("name") for c in answer.citations)
+    if question.endswith("是谁作的报告？"):
+        return any(c.speaker for c in answer.citations) or bool(mentioned(answer.answer, speakers))
+    if question.endswith("是哪天发布的？"):
+        return bool(_DATE.search(answer.answer))
+    return True
+
+
+def checked_examples(chunks: Sequence[Chunk], ask: Callable[[str], object], speakers: Iterable[str],
+                     limit: int = 6, tries: int = 24) -> list[str]:
+    """Up to `limit` example questions that `ask` (question -> Answer) answers well, trying at most `tries`."""
+    speakers = list(speakers)
+    good = []
+    for question in example_questions(chunks, limit=tries):
+        if well_answered(question, ask(question), speakers):
+            good.append(question)
+            if len(good) == limit:
+                break
+    return good

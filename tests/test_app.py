@@ -1,11 +1,16 @@
 """The web chat's parts without a browser: escaping, uploads, index freshness, and the running app
 (in-process, real model) answering through gradio_client while an index is missing or rebuilding."""
 import functools
+import os
 import shutil
 import socket
+import stat
 import threading
+import urllib.error
+import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,7 +24,8 @@ from rag.index import build
 from rag.rendering import answer_html, answer_text
 from rag.retrieval import Filters, Hit
 from rag.serving import Rebuilder, ensure_index, stale_reasons
-from rag.uploads import UploadError, add_uploads, inspect_upload, safe_name
+from rag.uploads import (LARGE_ARTICLE_PASSAGES, UploadError, UploadQuota, add_uploads, fresh_upload_dir,
+                         inspect_upload, safe_name)
 
 from .conftest import SEED, corpus_in
 
@@ -268,6 +274,7 @@ def launch(tmp_path):
     demos = []
 
     def _launch(live, rebuilder, **kwargs):
+        kwargs.setdefault("upload_dir", tmp_path / "uploads")
         demo = app.create_app(live, rebuilder, FeedbackStore(tmp_path / "feedback.sqlite3"), **kwargs)
         demo.queue(default_concurrency_limit=4)
         demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
@@ -300,8 +307,11 @@ def test_only_the_chat_is_scriptable_and_bad_questions_get_messages(tmp_path, re
     assert "王任（党委常委、副校长）" in filtered and "筛选：发言人：王任" in filtered
     for other in ("李俊峰", "张根华", "王继元", "张振宇"):
         assert f"{other}（" not in filtered  # no other speaker's passage gets through the filter
-    nothing = client.predict(question, "", "2024-01-01", api_name="/chat")  # after the only article
-    assert nothing.startswith("文章中没有提到") and "筛选：日期：2024-01-01 至 最新" in nothing
+    before = client.predict(question, "", "", "2023-07-03", api_name="/chat")  # before the only article
+    assert before.startswith("没有文章符合筛选条件（日期：最早 至 2023-07-03）") and "2023-07-04" in before
+    assert "文章中没有提到" not in before
+    assert "晚于截止日期" in client.predict(question, "", "2023-08-01", "2023-07-01", api_name="/chat")
+    assert "没有发言人「王沪宁」" in client.predict(question, "王沪宁", api_name="/chat")
 
 
 def test_chats_answer_from_the_old_index_while_rebuilding_then_switch(tmp_path, real_embedder, launch):
@@ -375,8 +385,188 @@ def test_operators_tab_exists_only_with_a_password_and_checks_the_login(tmp_path
     with pytest.raises(gr.Error, match="管理密码"):
         list(handlers["rebuild_only"](False))
     assert not rebuilder.running and list((tmp_path / "corpus").iterdir()) == [tmp_path / "corpus" / SEED.name]
-    ok, *_ = handlers["login"]("secret", False)
+    ok, *_ = handlers["login"]("secret", False, SimpleNamespace(client=SimpleNamespace(host="10.0.0.1")))
     assert ok is True
+    ok, login_box, admin_box, *_ = handlers["logout"]()
+    assert ok is False and login_box["visible"] is True and admin_box["visible"] is False
+
+
+# ---------------------------------------------------------------- operators' login
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_wrong_passwords_back_off_then_lock_out_one_client_only():
+    import app
+
+    clock = Clock()
+    guard = app.LoginGuard("secret", lock_after=5, lockout=900, clock=clock)
+    assert guard.attempt("guesser", "a") == (False, "密码不正确。请 1 秒后再试。")
+    # Too early: refused without looking at the password, the right one included.
+    assert guard.attempt("guesser", "secret") == (False, "尝试太频繁，请 1 秒后再试。")
+    assert guard.attempt("staff", "secret") == (True, "")  # another client logs in at once
+    waits = []
+    for _ in range(3):
+        clock.now += 60
+        ok, message = guard.attempt("guesser", "b")
+        waits.append(message)
+    assert waits == ["密码不正确。请 2 秒后再试。", "密码不正确。请 4 秒后再试。", "密码不正确。请 8 秒后再试。"]
+    clock.now += 60
+    assert guard.attempt("guesser", "c") == (False, "密码不正确。错误次数过多，已锁定，请 15 分钟后再试。")
+    clock.now += 600
+    assert guard.attempt("guesser", "secret") == (False, "尝试太频繁，请 5 分钟后再试。")
+    assert guard.attempt("staff", "secret")[0] and guard.attempt("other", "x")[1] == "密码不正确。请 1 秒后再试。"
+    clock.now += 301
+    assert guard.attempt("guesser", "secret") == (True, "")
+    assert guard.attempt("guesser", "wrong")[1] == "密码不正确。请 1 秒后再试。"  # a success starts afresh
+
+
+def test_a_guessing_client_does_not_slow_another_login(tmp_path, fake_embedder):
+    import time
+
+    import app
+
+    config = seed_config(tmp_path)
+    demo = app.create_app(LiveQA(config, fake_embedder), Rebuilder(config, fake_embedder),
+                          FeedbackStore(tmp_path / "f.sqlite3"), admin_password="secret")
+    login = {f.name: f.fn for f in demo.fns.values()}["login"]
+    guesser, staff = (SimpleNamespace(client=SimpleNamespace(host=h)) for h in ("10.0.0.66", "10.0.0.2"))
+    started = time.monotonic()
+    messages = [login(f"guess{i}", False, guesser)[3] for i in range(20)]
+    ok, *_ = login("secret", False, staff)
+    assert ok is True and time.monotonic() - started < 1.0  # nothing sleeps
+    assert "密码不正确" in messages[0] and all("请" in m and "后再试" in m for m in messages[1:])
+    assert 'class="rag-login-error"' in messages[0]
+    fn = next(f for f in demo.fns.values() if f.name == "login")
+    assert fn.concurrency_id == "login" and fn.concurrency_limit is None  # not queued behind a watched rebuild
+
+
+# ---------------------------------------------------------------- upload bounds
+
+
+def test_upload_quota_bounds_size_count_and_bytes_per_client():
+    clock = Clock()
+    mb = 2**20
+    quota = UploadQuota(max_request_bytes=20 * mb, max_requests=3, max_bytes=50 * mb, window=3600, clock=clock)
+    assert quota.admit("a", 20 * mb + 1) == "上传被拒绝：一次最多上传 20 MB。"
+    assert quota.admit("a", None) == "上传被拒绝：请求没有注明大小。"
+    assert [quota.admit("a", 20 * mb), quota.admit("a", 20 * mb)] == [None, None]
+    clock.now += 3000
+    assert quota.admit("a", 20 * mb) == "上传的文件总量太大，请 10 分钟后再试。"
+    assert quota.admit("a", mb) is None
+    clock.now += 570
+    assert quota.admit("a", mb) == "上传次数太多，请 30 秒后再试。"
+    assert quota.admit("b", 20 * mb) is None  # another client has its own allowance
+    clock.now += 31
+    assert quota.admit("a", 20 * mb) is None  # the oldest upload has left the window
+
+
+def test_upload_folder_is_emptied_at_start_up(tmp_path):
+    folder = tmp_path / "uploads"
+    (folder / "abc").mkdir(parents=True)
+    (folder / "abc" / "left-by-a-killed-server.bin").write_bytes(b"x" * 100)
+    assert fresh_upload_dir(folder) == folder
+    assert list(folder.iterdir()) == [] and stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def post_file(url: str, name: str, data: bytes) -> tuple[int, str]:
+    boundary = "----rag-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "gradio_api/upload", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_anonymous_uploads_are_bounded_and_kept_in_our_own_folder(tmp_path, fake_embedder, launch):
+    config = seed_config(tmp_path)
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    (folder / "stale.txt").write_text("from before", encoding="utf-8")
+    client = launch(LiveQA(config, fake_embedder), Rebuilder(config, fake_embedder), admin_password="secret",
+                    max_upload_bytes=1000, upload_dir=folder)
+    assert not (folder / "stale.txt").exists()  # emptied at start-up
+    url = client.src.rstrip("/") + "/"
+    status, text = post_file(url, "a.txt", b"x" * 500)
+    assert status == 200 and str(folder) in text
+    assert len(list(folder.rglob("a.txt"))) == 1
+    assert post_file(url, "big.txt", b"x" * 5000)[0] == 413  # one file over max_upload_bytes
+    statuses = [post_file(url, f"n{i}.txt", b"x" * 900)[0] for i in range(12)]
+    assert statuses.count(200) < 12 and statuses[-1] == 429  # the client's hourly allowance is spent
+    status, text = post_file(url, "more.txt", b"x")
+    assert status == 429 and "后再试" in text
+
+
+def test_the_page_is_served_in_chinese(tmp_path, fake_embedder, launch):
+    config = seed_config(tmp_path)
+    client = launch(LiveQA(config, fake_embedder), Rebuilder(config, fake_embedder))
+    with urllib.request.urlopen(client.src.rstrip("/") + "/", timeout=30) as response:
+        page = response.read().decode()
+    assert '<html\n\tlang="zh-CN"' in page or 'lang="zh-CN"' in page
+    assert page.index('"zh-CN"') < page.index("window.gradio_config")  # set before Gradio's scripts run
+
+
+# ---------------------------------------------------------------- operators' tab helpers
+
+
+def test_large_articles_are_flagged_in_the_preview(tmp_path):
+    import app
+
+    paragraphs = "\n\n".join(f"第{i}段。" + "学校召开了工作会议，会议研究部署了下一阶段的重点任务。" * 6
+                               for i in range(LARGE_ARTICLE_PASSAGES * 2))
+    text = "学校召开工作会议\n发布时间：2023-09-01\n\n" + paragraphs
+    big = inspect_upload("big.txt", text.encode(), tmp_path, Config())
+    assert big.ok and big.articles[0].segments > LARGE_ARTICLE_PASSAGES
+    assert "异常大" in big.articles[0].warning
+    normal = inspect_upload(SEED.name, SEED.read_bytes(), tmp_path, Config())
+    assert normal.articles[0].warning is None
+    table = app._preview_html([big, normal])
+    assert table.count("异常大") == 1 and table.count("可以添加") == 2 and "已添加" not in table
+    added = app._preview_html([big, normal], added=True)
+    assert "可以添加" not in added and added.count("已添加") == 2
+    assert not any(ord(ch) > 0x2600 and ord(ch) < 0x2800 or ord(ch) >= 0x1F000 for ch in table + added)  # no emoji
+
+
+def test_added_files_keep_the_corpus_mode(tmp_path):
+    corpus = corpus_in(tmp_path)
+    os.chmod(corpus / SEED.name, 0o644)
+    up = inspect_upload("reading-day.md", READING_DAY.read_bytes(), corpus, Config())
+    (path,) = add_uploads([up], corpus)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_filters_that_match_nothing_say_so(xss_chunks):
+    import app
+
+    _, chunks = xss_chunks
+    assert app._filter_problem(Filters(), chunks) is None
+    assert app._filter_problem(Filters(speakers=("刘洋",)), chunks) is None
+    assert "晚于截止日期" in app._filter_problem(Filters(date_from="2023-10-01", date_to="2023-09-01"), chunks)
+    assert app._filter_problem(Filters(speakers=("王沪宁",)), chunks) == "索引中没有发言人「王沪宁」，请从发言人列表中选择。"
+    assert app._filter_problem(Filters(speakers=("王沪宁", "刘洋")), chunks) is None  # one of them is known
+    late = app._filter_problem(Filters(date_from="2024-01-01"), chunks)
+    assert late == "没有文章符合筛选条件（日期：2024-01-01 至 最新）（已收录的文章在 2023-09-12 至 2023-09-12 之间），请放宽筛选后再问。"
+
+
+def test_times_are_shown_local_and_readable():
+    import datetime as dt
+
+    import app
+
+    utc = dt.datetime(2024, 5, 1, 8, 30, tzinfo=dt.timezone.utc)
+    assert app._local_time(utc.isoformat()) == utc.astimezone().strftime("%Y-%m-%d %H:%M")
+    assert app._local_time("2024-05-01T08:30:00.123456") == "2024-05-01 08:30"
+    assert app._local_time(None) == "（未知）" and app._local_time("garbage") == "garbage"
 
 
 def test_an_unreachable_llm_server_gets_a_clear_message_and_the_chat_goes_on(tmp_path, real_embedder, launch):

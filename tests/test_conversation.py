@@ -3,7 +3,7 @@ import pytest
 
 from rag.chunking import chunk_article
 from rag.config import Config
-from rag.conversation import example_questions, mentioned, next_focus, rewrite
+from rag.conversation import checked_examples, example_questions, mentioned, next_focus, rewrite, well_answered
 from rag.corpus import load_corpus
 
 SPEAKERS = ["李俊峰", "张根华", "王任", "王继元", "张振宇"]
@@ -75,3 +75,52 @@ def test_example_questions_come_from_the_index(seed_chunks):
     assert any(q.startswith("「学校举行高质量发展中层干部学习研讨班系列专题报告会」") for q in questions)
     for q in questions:  # every name or title in an example is really in the article
         assert any(s in q for s in SPEAKERS) or "《" in q or "「" in q
+
+
+def _answer(question, text, found=True, speaker=None):
+    from rag.answering import Answer, Citation
+
+    cites = (Citation("d", "标题", speaker, 0, len(text), text),) if found else ()
+    return Answer(question, text, found, cites, support=0.9 if found else 0.1)
+
+
+@pytest.mark.parametrize("question, answer, speaker, good", [
+    ("王沪宁讲了什么？", "王沪宁、栗战书、杨洁篪出席。", None, False),  # names him, is not his words
+    ("王继元讲了什么？", "要坚持以师生为中心。", "王继元", True),
+    ("王继元讲了什么？", "要坚持以师生为中心。", "王任", False),
+    ("《识变与求变》是谁作的报告？", "张根华作了题为《识变与求变》的报告。", None, True),
+    ("《识变与求变》是谁作的报告？", "报告会在慎行楼举行。", None, False),
+    ("「学校召开会议」是哪天发布的？", "7月4日下午，学校召开会议。", None, True),
+    ("「学校召开会议」是哪天发布的？", "学校召开会议。", None, False),
+])
+def test_an_example_is_kept_only_when_its_answer_gives_what_it_asks(question, answer, speaker, good):
+    assert well_answered(question, _answer(question, answer, speaker=speaker), SPEAKERS) is good
+
+
+def test_a_declined_example_is_dropped():
+    assert not well_answered("王任讲了什么？", _answer("王任讲了什么？", "文章中没有提到「王任」。", found=False), SPEAKERS)
+
+
+def test_examples_are_checked_against_the_index(seed_chunks, tmp_path, real_embedder):
+    """The seed index, the real model: every example offered is answered, found and well supported."""
+    from rag.answering import QA
+    from rag.index import build
+
+    from .conftest import corpus_in
+
+    config = Config(corpus_dir=corpus_in(tmp_path), index_dir=tmp_path / "index")
+    build(config, real_embedder)
+    qa = QA.open(config, real_embedder)
+    asked = []
+
+    def ask(question):
+        asked.append(question)
+        return qa.ask(question)
+
+    examples = checked_examples(qa.index.chunks, ask, qa.index.speakers, limit=6, tries=12)
+    assert examples and set(examples) <= set(asked) and len(asked) <= 12
+    for question in examples:
+        answer = qa.ask(question)
+        assert answer.found and well_answered(question, answer, qa.index.speakers), (question, answer.answer)
+    rejected = [q for q in asked if q not in examples]
+    assert all(not well_answered(q, qa.ask(q), qa.index.speakers) for q in rejected)

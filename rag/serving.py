@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,10 @@ def stale_reasons(config: Config, embedder) -> list[str]:
 
     Reads the corpus (decoding and hashing every file, no embedding), as a build would.
     """
+    link = Path(config.index_dir) / "current"
     path = current_path(Path(config.index_dir))
+    if path is None and link.is_symlink():
+        return [f"the current index version {Path(os.readlink(link)).name} is missing"]
     if path is None or not (path / "manifest.json").exists():
         return [f"no index at {config.index_dir}"]
     problem = check_version(path)

@@ -643,11 +643,16 @@ def _point_current(index_dir: Path, target: Path) -> None:
 
 
 def _prune(versions: Path, keep: int) -> None:
+    """Keep `current`, the newest `keep` intact versions, and damaged ones newer than those (for a look): a
+    damaged version never pushes a good one out."""
     current = current_path(versions.parent)
-    done = sorted(p for p in versions.iterdir() if not p.name.startswith("."))
-    for old in done[:-keep]:
-        if old.resolve() != current:
+    done = _folders(versions.parent)
+    kept = [p for p in done if _inspect(p).problem is None][-keep:]
+    for old in done if len(kept) == keep else []:
+        if old.resolve() != current and old not in kept and old < kept[0]:
             shutil.rmtree(old, ignore_errors=True)
+            with _verified_lock:
+                _verified.pop(old, None)
     for stale in versions.glob(".*.tmp-*"):  # left by a build that was killed
         with contextlib.suppress(ValueError):
             if not _pid_alive(int(stale.name.rsplit("-", 1)[1])):

@@ -176,6 +176,9 @@ def test_a_no_change_rebuild_writes_nothing_and_keeps_the_good_versions(two, fak
     assert not repaired.unchanged and repaired.path != third.path
     assert 0 < repaired.embedded < repaired.manifest["counts"]["chunks"]  # the seed and reading day are reused
     assert load(config.index_dir).version == repaired.manifest["version"]
+    # The damaged version does not count among the 3 kept: the first good one is still there to roll back to.
+    assert [(v["version"], v["status"][:7]) for v in list_versions(config.index_dir)] == [
+        (first.path.name, "ok"), (second.path.name, "ok"), (third.path.name, "damaged"), (repaired.path.name, "ok")]
 
 
 def test_a_failed_build_leaves_nothing_new_behind(tmp_path, seed_corpus, fake_embedder, monkeypatch):
@@ -278,3 +281,15 @@ def test_ensure_index_repairs_a_damaged_current_version(two, fake_embedder):
     report = ensure_index(config, fake_embedder)
     assert report is not None and not report.unchanged
     assert load(config.index_dir).version == report.manifest["version"] and stale_reasons(config, fake_embedder) == []
+
+
+def test_old_versions_are_pruned_to_the_three_newest_good_ones(two, fake_embedder):
+    config, first, second = two
+    add_article(config, "sports", "运动会\n学校举办春季运动会。")
+    third = build(config, fake_embedder)
+    (second.path / "manifest.json").write_text("{", encoding="utf-8")  # damaged, and older than the newest 3 good
+    add_article(config, "concert", "音乐会\n学校举办新年音乐会。")
+    fourth = build(config, fake_embedder)
+    add_article(config, "lecture", "讲座\n图书馆举办讲座。")
+    fifth = build(config, fake_embedder)
+    assert [v["version"] for v in list_versions(config.index_dir)] == [r.path.name for r in (third, fourth, fifth)]

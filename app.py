@@ -5,13 +5,13 @@ everything shared between sessions (the index, the model, the feedback file) is 
 owns its own locking.
 """
 
-import contextlib
 import dataclasses
 import datetime as dt
 import functools
 import hashlib
 import hmac
 import html
+import os
 import re
 import sys
 import tempfile
@@ -555,25 +555,12 @@ def _page_class():
             quota = UploadQuota(max_request_bytes=4 * limit + 2**16, max_requests=30, max_bytes=8 * limit)
             app_kwargs["middleware"] = [*app_kwargs.get("middleware", ()), Middleware(_ChineseUI, limit=limit),
                                         Middleware(_BoundedUploads, quota=quota)]
-            app_kwargs["lifespan"] = _with_upload_dir(self.upload_dir, app_kwargs.get("lifespan"))
+            # Gradio looks up its upload folder in GRADIO_TEMP_DIR wherever it needs it (the upload route,
+            # the check that a file was uploaded), so the folder is named there, for this process.
+            os.environ["GRADIO_TEMP_DIR"] = str(fresh_upload_dir(self.upload_dir))
             return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
 
     return Page
-
-
-def _with_upload_dir(upload_dir: Path, lifespan=None):
-    """A lifespan that empties `upload_dir` and points Gradio's uploads there before the server takes requests."""
-
-    @contextlib.asynccontextmanager
-    async def start(app):
-        app.uploaded_file_dir = str(fresh_upload_dir(upload_dir))
-        if lifespan is None:
-            yield
-        else:
-            async with lifespan(app):
-                yield
-
-    return start
 
 
 def _header(scope, name: bytes) -> str | None:
@@ -617,21 +604,33 @@ _CHINESE_UI_JS = r"""<script>(() => {
      names => `文件超过 LIMIT MB 的上限，未上传：${names.replaceAll('"', "")}`],
     [/^Invalid file types?: (.*?)\. Only .* allowed\.?$/s, names => `不支持的文件类型：${names}`],
   ];
-  const translate = root => {
-    root.querySelectorAll?.(".toast-title").forEach(el => {
+  // Tooltips Gradio writes in English in every language.
+  const labels = {"Copy message": "复制消息", "Copy conversation": "复制对话", "More tabs": "更多标签页",
+                  "Copied message": "已复制", "Copied conversation": "已复制", "Clear": "清除", "Share": "分享"};
+  const translate = () => {
+    scheduled = false;
+    document.querySelectorAll(".toast-title").forEach(el => {
       const text = el.firstElementChild?.firstChild ?? el.firstChild;
       const word = text?.textContent?.trim();
       if (text && titles[word]) text.textContent = titles[word] + " ";
     });
-    root.querySelectorAll?.(".toast-message-text").forEach(el => {
+    document.querySelectorAll(".toast-message-text").forEach(el => {
       for (const [pattern, chinese] of messages) {
         const m = el.textContent.trim().match(pattern);
         if (m) el.textContent = chinese(m[1]);
       }
     });
+    document.querySelectorAll("[title], [aria-label]").forEach(el => {
+      for (const name of ["title", "aria-label"]) {
+        const chinese = labels[el.getAttribute(name)];
+        if (chinese) el.setAttribute(name, chinese);
+      }
+    });
   };
-  new MutationObserver(() => translate(document)).observe(document.documentElement,
-    {subtree: true, childList: true, characterData: true});
+  let scheduled = false;  // once per frame, however many changes a streamed answer makes
+  new MutationObserver(() => { if (!scheduled) { scheduled = true; requestAnimationFrame(translate); } })
+    .observe(document.documentElement, {subtree: true, childList: true, characterData: true, attributes: true,
+                                        attributeFilter: ["title", "aria-label", "class"]});
 })();</script>"""
 
 

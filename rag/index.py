@@ -14,6 +14,11 @@ Layout (a folder a person can open):
     index/versions/<id>/spans.npy       candidate answer spans (chunk row, start, end: sentences, long ones cut)
     index/versions/<id>/span_embeddings.npy  their embeddings (the answerer's sentence cosines), span_hashes.txt
                                         a hash of each span's text, so the next build reuses them
+
+Every file's sha256 is in the manifest. Loading verifies them (once per version folder and process, then
+only while the files' sizes and mtimes stay the same); a damaged `current` is reported and the newest
+intact version serves instead (open_serving), builds start from that version, and list_versions shows
+each version's status.
 """
 from __future__ import annotations
 
@@ -332,8 +337,8 @@ def _base(index_dir: Path) -> tuple[Path | None, list[str]]:
     damaged one, whose files a build would copy. (None, why) when there is none."""
     try:
         return choose_version(index_dir)
-    except IndexError_ as e:
-        return None, [str(e)]
+    except IndexError_:  # no index yet, or one of another format or model: a full build
+        return None, []
 
 
 def _previous(path: Path | None, fingerprint: str, config: Config) -> _Previous:
@@ -483,7 +488,7 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
         )
     base, problems = _base(Path(config.index_dir))
     for problem in problems:
-        say(problem)
+        say(f"{problem.split('; serving')[0]}; building from {base.name}")
     keys = [_article_key(a) for a in articles]
     same = _unchanged(base, keys, config, embedder) if base and not problems else None
     if same is not None:

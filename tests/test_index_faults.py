@@ -172,8 +172,9 @@ def test_a_no_change_rebuild_writes_nothing_and_keeps_the_good_versions(two, fak
 
     # A damaged current version is not "unchanged": the next build repairs it from the newest good version.
     os.truncate(third.path / "dense.faiss", 10)
-    repaired = build(config, fake_embedder)
+    repaired = build(config, fake_embedder, progress=lines.append)
     assert not repaired.unchanged and repaired.path != third.path
+    assert f"is damaged: dense.faiss does not match its checksum; building from {second.path.name}" in "\n".join(lines)
     assert 0 < repaired.embedded < repaired.manifest["counts"]["chunks"]  # the seed and reading day are reused
     assert load(config.index_dir).version == repaired.manifest["version"]
     # The damaged version does not count among the 3 kept: the first good one is still there to roll back to.

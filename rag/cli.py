@@ -434,12 +434,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _jieba_warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
 def _quiet_jieba() -> None:
     """jieba logs its dictionary loading ("Building prefix dict ...") at DEBUG on stderr; keep only warnings.
 
     A filter, not a level: jieba sets its logger to DEBUG when imported, after this runs.
     """
-    logging.getLogger("jieba").addFilter(lambda record: record.levelno >= logging.WARNING)
+    logger = logging.getLogger("jieba")
+    if _jieba_warnings_only not in logger.filters:
+        logger.addFilter(_jieba_warnings_only)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -491,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return EXIT_BROKEN_PIPE
     except Exception as e:
-        if isinstance(e, _known_errors()):
+        if isinstance(e, _known_errors()) or type(e).__module__.startswith("rag."):
             return fail(str(e), EXIT_FAILED)
         if isinstance(e, OSError) and e.strerror:  # a file or folder the command could not use
             where = f": {e.filename}" if e.filename else ""

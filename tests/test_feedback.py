@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from rag.cli import main
-from rag.feedback import FeedbackStore
+from rag.feedback import DisabledFeedback, FeedbackError, FeedbackStore
 
 CITATION = {"doc_id": "000_3ab29ec542edc89a", "title": "学校举行高质量发展中层干部学习研讨班系列专题报告会",
             "speaker": None, "start": 84, "end": 123, "text": "7月4日,学校在慎行楼乐之厅举行高质量发展中层干部学习研讨班系列专题报告会。"}
@@ -46,8 +46,47 @@ def test_a_newer_schema_is_not_touched(tmp_path):
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA user_version = 99")
     conn.close()
-    with pytest.raises(ValueError, match="schema version 99"):
+    with pytest.raises(FeedbackError, match="schema version 99"):
         FeedbackStore(path)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"not a database at all\n" * 50, "not a usable feedback database (file is not a database)"),
+    (b"SQLite format 3\x00" + b"\xff" * 200, "not a usable feedback database"),
+])
+def test_a_file_that_is_not_our_database_is_one_clear_error(tmp_path, content, fragment):
+    path = tmp_path / "f.sqlite3"
+    path.write_bytes(content)
+    with pytest.raises(FeedbackError, match="RAG_FEEDBACK_DB") as caught:
+        FeedbackStore(path)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+    assert path.read_bytes() == content  # never "repaired" over a user's file
+
+
+def test_a_feedback_table_of_another_program_is_refused(tmp_path):
+    path = tmp_path / "f.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE feedback (id INTEGER PRIMARY KEY, stars INTEGER)")
+    with pytest.raises(FeedbackError, match="did not write"):
+        FeedbackStore(path)
+
+
+def test_export_to_a_folder_or_a_missing_folder_fails_cleanly(tmp_path):
+    store = FeedbackStore(tmp_path / "f.sqlite3")
+    rate(store)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FeedbackError, match="is a folder"):
+        store.export_jsonl(tmp_path / "out")
+    with pytest.raises(FeedbackError, match="does not exist"):
+        store.export_jsonl(tmp_path / "missing" / "x.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.sqlite3", "out"] and not any((tmp_path / "out").iterdir())
+
+
+def test_disabled_feedback_refuses_ratings_with_its_reason(tmp_path):
+    off = DisabledFeedback(tmp_path / "f.sqlite3", "not a usable feedback database")
+    with pytest.raises(FeedbackError, match="feedback is off: not a usable"):
+        rate(off)
+    assert off.rows() == []
 
 
 def test_concurrent_writers_lose_nothing(tmp_path):

@@ -89,11 +89,13 @@ def cmd_build(args, config: Config) -> None:
         **{f"documents_{k}": len(v) for k, v in report.manifest["changes"].items()},
         "skipped": [{"path": s.path, "reason": s.reason} for s in report.skipped],
         "seconds": round(time.perf_counter() - t0, 2),
+        "unchanged": bool(getattr(report, "unchanged", False)),  # nothing changed: no new version written
     }
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))
     else:
-        print(f"built {summary['index']}: {summary['documents']} documents, {summary['chunks']} chunks "
+        verb = "unchanged, still" if summary["unchanged"] else "built"
+        print(f"{verb} {summary['index']}: {summary['documents']} documents, {summary['chunks']} chunks "
               f"({summary['embedded']} embedded, {summary['reused']} reused), "
               f"{len(summary['skipped'])} skipped, {summary['seconds']} s")
 

@@ -279,3 +279,4 @@ def test_build_is_quiet_and_strict_json_names_a_hidden_file(tmp_path, model_cach
     summary = json.loads(rag_cmd(tmp_path, "build", "--json", **env).stdout)
     assert summary["skipped"] == [{"path": ".draft.txt", "reason": summary["skipped"][0]["reason"]}]
     assert summary["skipped"][0]["reason"].startswith("hidden file")
+    assert summary["unchanged"]  # a skipped file changes no document: no new version

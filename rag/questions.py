@@ -72,3 +72,27 @@ def is_english(question: str) -> bool:
 def asked_kinds(question: str) -> frozenset[str]:
     """The kinds of answer a question asks for: asked_kinds("报告会在哪里举行？") -> {"where"}."""
     return frozenset(k for k, p in _ASKS.items() if p.search(question))
+
+
+# The Chinese question words (grammar): 谁 什么 多少 几 哪 何 怎么 怎样 如何.
+_WH = re.compile(r"谁|什么|多少|几|哪|何|怎么|怎样|如何")
+_CLAUSE_END = re.compile(r"[，,；;：:。？?！!]")
+
+
+@functools.lru_cache(maxsize=4096)
+def focus_words(question: str) -> tuple[str, ...]:
+    """The words next to the question word, which name what is asked (the rest of a question mostly names the
+    event): up to two words of two or more characters on each side, in the clause that holds the question word.
+    A span that answers usually says them too; a sentence that only shares the event's words usually does not.
+
+    focus_words("洋河镇中心卫生院的院长叫什么名字？") -> ("卫生院", "院长", "名字"); English -> ().
+    """
+    import jieba
+
+    clause = next((c for c in _CLAUSE_END.split(question) if _WH.search(c)), "")
+    words = jieba.lcut(clause)
+    at = next((i for i, w in enumerate(words) if _WH.search(w)), None)
+    if at is None:
+        return ()
+    content = lambda ws: [w for w in ws if len(w) >= 2 and not _WH.search(w)]  # noqa: E731
+    return tuple(content(words[:at])[-2:] + content(words[at + 1 :])[:2])

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .chunking import Chunk, normalize
-from .questions import KINDS, asked_kinds, is_english, simplified
+from .questions import KINDS, asked_kinds, focus_words, is_english, simplified
 
 MODEL_PATH = Path(__file__).parent / "models" / "answerer.json"
 MODEL_FORMAT = 1
@@ -107,12 +107,14 @@ FEATURES = (
     "cover", "cover_ctx", "bigram", "bigram_ctx", "entity_missing", "entity_missing_span", "novelty", "log_len",
     "english", "english_span_cos", "english_chunk_cos", "speaker_segment", "meta_chunk", "asked_any",
     "unit_match", "neighbour_cos", "span_cos_rank", "cover_gap", "bigram_gap", "role_bound", "asks_role_person",
+    "focus", "focus_chars", "focus_neighbour", "has_focus",
     *(f"has_{k}" for k in KINDS), *(f"miss_{k}" for k in KINDS),
 )
 # The question-level signals the decline gate weighs: the ranker's confidence and its chosen span's features.
 GATE_FEATURES = ("top_prob", "top_score", "margin", "span_cos", "chunk_cos", "entity_missing",
                  "entity_missing_span", "cover", "cover_ctx", "bigram", "bigram_ctx", "english", "asked_any",
-                 "miss_any", "fused_rel", "log_rank", "unit_match", "novelty", "role_bound", "asks_role_person")
+                 "miss_any", "fused_rel", "log_rank", "unit_match", "novelty", "role_bound", "asks_role_person",
+                 "focus", "has_focus")
 # "多少天" is answered by "5天", "多少钱" by "750万元": the measure word after a question number word.
 _ASK_UNIT = re.compile(r"(?:多少|几)\s*([\u4e00-\u9fff])")
 _MONEY = {"钱": "元|万|亿|美元"}
@@ -162,6 +164,8 @@ class Featurizer:
         roles = ROLE_WORDS.findall(q)
         bound = re.compile("|".join(rf"{r}[\u4e00-\u9fff]{{2,3}}|[\u4e00-\u9fff]{{2,3}}{r}" for r in roles)) if roles else None
         cos_rank = np.argsort(np.argsort(-span_cos))
+        idf = general_idf()
+        focus = {w: idf.get(w, idf["<median>"]) for w in focus_words(q)}
         covers, grams = [], []
         contexts: dict[int, str] = {}
         out = np.zeros((len(candidates), len(FEATURES)), dtype=np.float64)
@@ -196,6 +200,7 @@ class Featurizer:
                 "span_cos_rank": math.log1p(cos_rank[n]), "cover_gap": 0.0, "bigram_gap": 0.0,
                 "role_bound": float(bool(bound and any(m.group() not in q for m in bound.finditer(span)))),
                 "asks_role_person": float(bool(roles) and ("who" in asked or english > 0)),
+                "focus_neighbour": 0.0, "has_focus": float(bool(focus)), **self._focus(focus, span),
             }
             for kind in KINDS:
                 if kind in asked:
@@ -207,7 +212,22 @@ class Featurizer:
         for name in ("cover", "bigram"):
             col = out[:, FEATURES.index(name)]
             out[:, FEATURES.index(name + "_gap")] = col - col.max()
+        col = out[:, FEATURES.index("focus")]
+        for n, c in enumerate(candidates):
+            out[n, FEATURES.index("focus_neighbour")] = max(
+                [col[m] for m in (n - 1, n + 1) if 0 <= m < len(candidates) and candidates[m].hit_rank == c.hit_rank],
+                default=0.0)
         return out
+
+    @staticmethod
+    def _focus(focus: dict[str, float], span: str) -> dict[str, float]:
+        """How much of the question's focus words (questions.focus_words, idf-weighted) the span says: whole
+        words, and characters (a paraphrase often keeps one: 患儿 / 患者)."""
+        total = sum(focus.values())
+        if not total:
+            return {"focus": 0.0, "focus_chars": 0.0}
+        return {"focus": sum(v for w, v in focus.items() if w in span) / total,
+                "focus_chars": sum(v * sum(ch in span for ch in w) / len(w) for w, v in focus.items()) / total}
 
 
 @dataclass(frozen=True)

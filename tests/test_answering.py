@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from rag.config import Config
-from rag.questions import QuestionError, asked_kinds, check_question, is_english, simplified
+from rag.questions import QuestionError, asked_kinds, check_question, focus_words, is_english, simplified
 from rag.spans import FEATURES, GATE_FEATURES, MODEL_PATH, Linear, SpanModel, holds, logistic_loss, softmax_loss
 
 
@@ -36,6 +36,17 @@ def test_traditional_characters_are_matched_as_simplified():
 ])
 def test_asked_kinds_in_chinese_and_english(question, kinds):
     assert kinds <= asked_kinds(question)
+
+
+@pytest.mark.parametrize("question, focus", [
+    ("洋河镇中心卫生院的院长叫什么名字？", ("卫生院", "院长", "名字")),
+    ("开封五院划伤护士的患者汪某被带到新乡做了精神鉴定，鉴定结论是什么？", ("鉴定结论",)),  # the clause that asks
+    ("卫生院给全镇多少个村子的育龄女性查了身体？", ("卫生院", "全镇", "村子", "育龄")),
+    ("Who chaired the meeting?", ()),
+    ("王任讲话", ()),  # no question word
+])
+def test_focus_words_are_the_words_next_to_the_question_word(question, focus):
+    assert focus_words(question) == focus
 
 
 def test_is_english():

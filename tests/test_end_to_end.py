@@ -21,11 +21,12 @@ def run_eval(config, embedder):
     return items, answers, score(items, answers)
 
 
-def assert_bars(result, hit5=1.0, accuracy=0.85, refusals=0.66, false_refusals=1):
+def assert_bars(result, hit5=1.0, accuracy=0.95, refusals=0.66, false_refusals=0):
     """What the fitted answer model holds on seed_qa (validation; measured at its commit: alone hit@5 1.0,
-    accuracy 0.889, 2 of 3 declined, 1 false refusal; among 320 distractors hit@5 0.963, accuracy 0.815, 1 of 3
-    declined). Below the hand-tuned answerer's 30/30 of before: see issue 9's closing note."""
-    failures = json.dumps(result["failures"], ensure_ascii=False, indent=1)
+    accuracy 0.963, 2 of 3 declined, no false refusal; among 320 distractors hit@5 0.926, accuracy 0.889, 1 of 3
+    declined, 1 false refusal). Below the hand-tuned answerer's 30/30 of before: see issue 9's closing note."""
+    failures = json.dumps({k: v for k, v in result.items() if k != "failures"}) + "\n" + json.dumps(
+        result["failures"], ensure_ascii=False, indent=1)
     assert result["hit@5"] >= hit5, failures
     assert result["answer_accuracy"] >= accuracy, failures
     assert result["refusal_accuracy"] >= refusals, failures
@@ -85,4 +86,4 @@ def test_bars_hold_among_real_distractor_articles(tmp_path, real_embedder):
     report = build(config, real_embedder)
     assert report.manifest["counts"]["documents"] >= 300
     _, _, result = run_eval(config, real_embedder)
-    assert_bars(result, hit5=0.95, accuracy=0.8, refusals=0.33, false_refusals=4)
+    assert_bars(result, hit5=0.92, accuracy=0.88, refusals=0.33, false_refusals=1)

@@ -357,7 +357,7 @@ def test_a_question_during_the_first_build_says_to_wait(tmp_path, real_embedder,
 
 
 def test_serve_refuses_a_bad_port(capsys):
-    assert main(["serve", "--port", "http"]) == 1
+    assert main(["serve", "--port", "http"]) == 2  # bad usage
     assert "port must be a number" in capsys.readouterr().err
 
 

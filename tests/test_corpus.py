@@ -651,7 +651,7 @@ def test_bad_files_are_skipped_with_reasons(tmp_path: Path) -> None:
         json.dumps({"id": "ok", "title": "重复编号", "text": "别的正文。"}, ensure_ascii=False),
     ]
     write(tmp_path, "feed.jsonl", "\n".join(lines) + "\n")
-    # Silently ignored: other suffixes, hidden files and folders.
+    # Silently ignored: other suffixes and hidden folders; a hidden article file is named as skipped.
     write(tmp_path, "photo.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF")
     write(tmp_path, "notes.pdf", b"%PDF-1.7")
     write(tmp_path, ".draft.txt", "草稿\n正文。\n")
@@ -662,7 +662,8 @@ def test_bad_files_are_skipped_with_reasons(tmp_path: Path) -> None:
     reasons = {}
     for s in skipped:
         reasons.setdefault(s.path, []).append(s.reason)
-    assert set(reasons) == {"big.txt", "binary.txt", "blank.md", "empty.txt", "feed.jsonl", "noise.txt"}
+    assert set(reasons) == {"big.txt", "binary.txt", "blank.md", "empty.txt", "feed.jsonl", "noise.txt", ".draft.txt"}
+    assert reasons[".draft.txt"][0].startswith("hidden file")
     assert reasons["empty.txt"] == ["empty file"]
     assert reasons["blank.md"] == ["empty file"]
     assert reasons["binary.txt"] == ["binary file (contains NUL bytes)"]

@@ -25,7 +25,7 @@ from rag.conversation import checked_examples, next_focus, rewrite
 from rag.corpus import CorpusError
 from rag.feedback import FeedbackStore
 from rag.generation import GenerationError, Retry
-from rag.index import IndexError_
+from rag.index import IndexError_, list_versions
 from rag.rendering import answer_html, answer_text, message_html, writing_html
 from rag.retrieval import Filters
 from rag.serving import Rebuilder, describe, ensure_index, index_status
@@ -358,10 +358,22 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
     def admin_status() -> str:
         qa, problem = current_qa()
         if qa is None:
-            return f"**索引状态：** {problem}"
-        s = index_status(qa.index)
-        return (f"| 文章数 | 段落数 | 嵌入模型 | 构建时间 | 版本 |\n|---|---|---|---|---|\n"
-                f"| {s['documents']} | {s['chunks']} | {s['model']} | {_local_time(s['built_at'])} | {s['version']} |")
+            out = f"**索引状态：** {problem}"
+        else:
+            s = index_status(qa.index)
+            out = (f"| 文章数 | 段落数 | 嵌入模型 | 构建时间 | 版本 |\n|---|---|---|---|---|\n"
+                   f"| {s['documents']} | {s['chunks']} | {s['model']} | {_local_time(s['built_at'])} | {s['version']} |")
+        return out + versions_status()
+
+    def versions_status() -> str:
+        """Every kept version and its state (a damaged one says why), and why another than `current` serves."""
+        problems = "".join(f"\n\n**注意：** {html.escape(p)}" for p in live.problems)
+        rows = [f"| {v['version']} | {_local_time(v['built_at']) if v.get('built_at') else '?'} | "
+                f"{v['documents'] if v.get('documents') is not None else '?'} | "
+                f"{'是' if v['current'] else ''} | {'正常' if v['problem'] is None else html.escape(v['problem'])} |"
+                for v in reversed(list_versions(live.config.index_dir))]
+        table = "\n\n| 保留的版本 | 构建时间 | 文章数 | current | 状态 |\n|---|---|---|---|---|\n" + "\n".join(rows) if rows else ""
+        return problems + table
 
     def login(password, _ok, request: gr.Request):
         ok, message = guard.attempt(_client(request), password)
@@ -736,7 +748,7 @@ def serve(config: Config, *, host: str, port: int, feedback_db: Path, admin_pass
             llm.warm_up(background=True)  # the first answers wait for the model only if it is still loading
         prepare = functools.partial(use_generator, gen=generator, generator=llm)
         say(f"answers written by the {generator.kind} generator ({llm!r}), every sentence checked against the passages")
-    live = LiveQA(config, embedder, prepare)
+    live = LiveQA(config, embedder, prepare, say=lambda line: say(f"warning: {line}"))
     try:
         served = describe(index_status(live.get().index))
     except IndexError_ as e:

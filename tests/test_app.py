@@ -385,8 +385,15 @@ def test_operators_tab_exists_only_with_a_password_and_checks_the_login(tmp_path
     with pytest.raises(gr.Error, match="管理密码"):
         list(handlers["rebuild_only"](False))
     assert not rebuilder.running and list((tmp_path / "corpus").iterdir()) == [tmp_path / "corpus" / SEED.name]
-    ok, *_ = handlers["login"]("secret", False, SimpleNamespace(client=SimpleNamespace(host="10.0.0.1")))
+    ok, *_, status, _ = handlers["login"]("secret", False, SimpleNamespace(client=SimpleNamespace(host="10.0.0.1")))
     assert ok is True
+    assert "索引状态" in status  # no index yet
+    # Every kept version is listed with its state; a damaged one says why.
+    broken = config.index_dir / "versions" / "20000101-000000-000000"
+    broken.mkdir(parents=True)
+    (broken / "manifest.json").write_text("{garbage", encoding="utf-8")
+    status = handlers["refreshed_status"](True)
+    assert "保留的版本" in status and "20000101-000000-000000" in status and "正常" not in status
     ok, login_box, admin_box, *_ = handlers["logout"]()
     assert ok is False and login_box["visible"] is True and admin_box["visible"] is False
 

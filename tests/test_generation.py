@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -15,8 +16,8 @@ from rag.config import Config
 from rag.evaluation import answer_correct, read_qa
 from rag.generation import (
     LOCAL_MODELS, GenerationError, GenerativeAnswerer, GeneratorConfig, GGUFModel, LocalGenerator, OpenAIGenerator,
-    CheckedSentence, Retry, SupportChecker, _sse_pieces, assemble_gguf, build_messages, split_generated,
-    use_generator,
+    CheckedSentence, Retry, SupportChecker, _save_converted, _sse_pieces, assemble_gguf, build_messages,
+    converted_folder, split_generated, use_generator,
 )
 from rag.index import build, load
 
@@ -322,6 +323,54 @@ def test_local_model_answers_seed_questions_with_citations(local_qa, qid):
     answer = local_qa.ask(item["question"])
     assert answer_correct(item, answer), answer.answer
     _assert_grounded(answer, local_qa.index.documents)
+
+
+def test_converted_llm_is_cached_and_computes_what_the_gguf_does(local_qa, seed, monkeypatch):
+    """The GGUF is dequantised once into cache_dir/models; a new process's load reads that folder instead
+    (never the GGUF, in seconds) and gives the same tokens and logits."""
+    import torch
+
+    from rag import generation
+
+    spec = LOCAL_MODELS["0.5b"]
+    generator = LocalGenerator(spec, seed.cache_dir)
+    reference, ref_tokenizer, _ = generator.load()  # the session's first load: converted from the GGUF
+    folder = converted_folder(spec, seed.cache_dir)
+    assert reference.name_or_path == str(seed.cache_dir / "llm")
+    marker = json.loads((folder / "gguf_source.json").read_text(encoding="utf-8"))
+    assert marker["sha256"] == spec.sha256 and folder.name.endswith(f"-{spec.sha256[:16]}-v{generation.CONVERTED_VERSION}")
+    assert not [p.name for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+    def no_gguf(*args, **kwargs):
+        raise AssertionError("the GGUF was read although a converted folder is cached")
+
+    monkeypatch.setattr(generation, "assemble_gguf", no_gguf)
+    t0 = time.perf_counter()
+    cached, tokenizer, _ = generator._load()  # what load() does in a process that has not loaded it yet
+    seconds = time.perf_counter() - t0
+    assert cached.name_or_path == str(folder)
+    assert seconds < 30, f"loading the cached folder took {seconds:.1f} s (the GGUF conversion takes ~50 s)"
+    messages = build_messages(ITEMS["p01"]["question"], local_qa.retriever.search(ITEMS["p01"]["question"], k=1))
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ref_ids = ref_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)
+    assert torch.equal(ids["input_ids"], ref_ids["input_ids"])
+    with torch.inference_mode():
+        assert torch.equal(cached(**ids).logits, reference(**ref_ids).logits)
+    assert cached.generation_config.eos_token_id == reference.generation_config.eos_token_id
+
+
+def test_failed_llm_cache_write_leaves_nothing(tmp_path):
+    class Broken:  # fails half-way through writing the weights, as a full disk would
+        config = generation_config = None
+
+        def state_dict(self):
+            raise OSError("No space left on device")
+
+    spec = LOCAL_MODELS["0.5b"]
+    with pytest.raises(OSError, match="No space"):
+        _save_converted(Broken(), Broken(), converted_folder(spec, tmp_path), spec)
+    assert list((tmp_path / "models").iterdir()) == []
 
 
 def test_local_model_streams_before_the_answer_is_done(local_qa):

@@ -25,7 +25,7 @@ from rag.conversation import checked_examples, next_focus, rewrite
 from rag.corpus import CorpusError
 from rag.feedback import FeedbackStore
 from rag.generation import GenerationError, Retry
-from rag.index import IndexError_, list_versions
+from rag.index import IndexFault, list_versions
 from rag.rendering import answer_html, answer_text, message_html, writing_html
 from rag.retrieval import Filters
 from rag.serving import Rebuilder, describe, ensure_index, index_status
@@ -220,7 +220,7 @@ def create_app(live: LiveQA, rebuilder: Rebuilder, feedback: FeedbackStore, *,
         """(qa, None), or (None, message) when there is no index to answer from."""
         try:
             return live.get(), None
-        except (IndexError_, OSError, ValueError):  # missing, or unreadable (a corrupt manifest is a ValueError)
+        except (IndexFault, OSError, ValueError):  # missing, or unreadable (a corrupt manifest is a ValueError)
             return None, FIRST_BUILD if rebuilder.running else NO_INDEX
 
     def note_for(qa) -> str | None:
@@ -737,7 +737,7 @@ def serve(config: Config, *, host: str, port: int, feedback_db: Path, admin_pass
     embedder = load_embedder(config)
     try:
         ensure_index(config, embedder, say)
-    except (IndexError_, CorpusError) as e:
+    except (IndexFault, CorpusError) as e:
         say(f"warning: {e}\nserving without an index: the chat says so until one is built")
     prepare = None
     if generator is not None:
@@ -751,7 +751,7 @@ def serve(config: Config, *, host: str, port: int, feedback_db: Path, admin_pass
     live = LiveQA(config, embedder, prepare, say=lambda line: say(f"warning: {line}"))
     try:
         served = describe(index_status(live.get().index))
-    except IndexError_ as e:
+    except IndexFault as e:
         served = f"no index ({e})"
     rebuilder = Rebuilder(config, embedder, on_done=live.get)
     feedback, feedback_note = _feedback_or_off(feedback_db)

@@ -127,14 +127,14 @@ class QA:
         import logging
 
         from .embedding import load_embedder
-        from .index import IndexError_, open_serving
+        from .index import IndexFault, open_serving
 
         index, problems = open_serving(config.index_dir, model_name=config.model)
         for problem in problems:
             (say or logging.getLogger("rag").warning)(problem)
         embedder = embedder or load_embedder(config)
         if embedder.fingerprint != index.manifest["model"]["fingerprint"]:
-            raise IndexError_(
+            raise IndexFault(
                 f"the index at {config.index_dir} was built with other weights of {embedder.name}; run `rag build`"
             )
         return cls.over(index, embedder, config)
@@ -212,13 +212,13 @@ class LiveQA:
         self.problems = problems
 
     def get(self) -> QA:
-        """The current QA; raises IndexError_ (with what to do) when there is no usable index."""
-        from .index import IndexError_, choose_version
+        """The current QA; raises IndexFault (with what to do) when there is no usable index."""
+        from .index import IndexFault, choose_version
 
         qa = self._qa
         try:
             path, problems = choose_version(Path(self.config.index_dir), self.config.model)
-        except IndexError_ as e:
+        except IndexFault as e:
             if qa is None:
                 raise
             self._report([f"{e}; answering from {qa.index.version} meanwhile"])
@@ -236,7 +236,7 @@ class LiveQA:
             found: list[str] = []
             try:
                 fresh = self._prepare(QA.open(self.config, self._embedder, say=found.append))
-            except (IndexError_, OSError, ValueError, KeyError) as e:
+            except (IndexFault, OSError, ValueError, KeyError) as e:
                 if self._qa is None:
                     raise
                 self._report([f"{e}; answering from {self._qa.index.version} meanwhile"])

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .config import Config
+from .errors import RagError
 
 ENV = {"corpus_dir": "RAG_CORPUS", "index_dir": "RAG_INDEX", "model": "RAG_MODEL", "cache_dir": "RAG_CACHE_DIR"}
 
@@ -29,7 +30,7 @@ EXIT_CODES_HELP = ("exit status: 0 done, 1 failed, 2 bad usage, 3 question refus
                    "also gets {\"error\": ...}. RAG_DEBUG=1 or --debug shows the traceback of an unexpected error.")
 
 
-class CLIError(Exception):
+class CLIError(RagError):
     """Printed as one line on stderr; exit status `code` (1 unless said otherwise)."""
 
     code = EXIT_FAILED
@@ -450,20 +451,6 @@ def _quiet_jieba() -> None:
         logger.addFilter(_jieba_warnings_only)
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """The library's own exceptions: their messages are written for a user, so they are printed as they are."""
-    from .corpus import CorpusError
-    from .embedding import EmbeddingModelError
-    from .feedback import FeedbackError
-    from .generation import GenerationError
-    from .index import IndexError_
-    from .questions import QuestionError
-    from .uploads import UploadError
-
-    return (CorpusError, IndexError_, QuestionError, EmbeddingModelError, GenerationError, FeedbackError,
-            UploadError)
-
-
 def _one_line(text: str) -> str:
     return " ".join(str(text).split()) or "(no message)"
 
@@ -499,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return EXIT_BROKEN_PIPE
     except Exception as e:
-        if isinstance(e, _known_errors()) or type(e).__module__.startswith("rag."):
+        if isinstance(e, RagError):  # the library's own errors: their messages are written for a user
             return fail(str(e), EXIT_FAILED)
         if isinstance(e, OSError) and e.strerror:  # a file or folder the command could not use
             where = f": {e.filename}" if e.filename else ""

@@ -15,10 +15,12 @@ from pathlib import Path, PurePosixPath
 
 from rag.config import Config
 
+from .errors import RagError
+
 _SUFFIXES = (".txt", ".md", ".jsonl", ".html", ".htm", ".docx")
 
 
-class CorpusError(Exception):
+class CorpusError(RagError):
     """A corpus folder or file that cannot be used; the message is one line meant for a person."""
 
 

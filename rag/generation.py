@@ -26,12 +26,13 @@ from typing import Iterator, Mapping, Sequence
 from .answering import DECLINE, ROLE_WORDS, Answer, Citation, ExtractiveAnswerer, general_idf
 from .chunking import Chunk, find_names, normalize, split_sentences
 from .config import Config
+from .errors import RagError
 from .retrieval import Hit
 
 GENERATORS = ("extractive", "local", "openai")
 
 
-class GenerationError(RuntimeError):
+class GenerationError(RagError, RuntimeError):
     """The generator cannot run (model parts missing or corrupt, server unreachable); the message says what to do."""
 
 

@@ -42,13 +42,14 @@ import numpy as np
 from .chunking import CHUNKER_VERSION, Chunk, answer_units, article_terms, chunk_article, normalize
 from .config import Config
 from .corpus import Skipped, load_corpus
+from .errors import RagError
 from .lexical import BM25, TOKENIZER_VERSION, ChineseTokenizer
 
 FORMAT_VERSION = 2  # 2: spans and their embeddings
 KEEP_VERSIONS = 3  # old versions kept for rollback
 
 
-class IndexError_(Exception):
+class IndexFault(RagError):
     """An index cannot be built or loaded; the message says what to do."""
 
 
@@ -236,13 +237,13 @@ def choose_version(index_dir: Path, model_name: str | None = None, broken: dict[
     """The version folder to serve: `current` when it is intact, else the newest intact version, with a line
     saying why. Only checks (cached checksums), loads nothing. `broken`: folders known not to load, and why.
 
-    Raises IndexError_ when there is no index, when `current` was built with another model or format (a
+    Raises IndexFault when there is no index, when `current` was built with another model or format (a
     rebuild, not damage), or when no version is intact.
     """
     index_dir, broken = Path(index_dir), broken or {}
     target, folders = _current_target(index_dir), _folders(index_dir)
     if target is None and not folders:
-        raise IndexError_(f"no index at {index_dir}; build one with `rag build --index {index_dir}`")
+        raise IndexFault(f"no index at {index_dir}; build one with `rag build --index {index_dir}`")
     if target is None:
         trouble = f"{index_dir} has no `current` version"
     else:
@@ -251,11 +252,11 @@ def choose_version(index_dir: Path, model_name: str | None = None, broken: dict[
         if problem is None:
             wrong_model = _model_problem(verdict.manifest, model_name)
             if wrong_model:
-                raise IndexError_(f"the index at {target} was {wrong_model}; rebuild it with `rag build` or use "
+                raise IndexFault(f"the index at {target} was {wrong_model}; rebuild it with `rag build` or use "
                                   f"--model {verdict.manifest['model'].get('name')}")
             return target, []
         if problem.startswith("outdated"):
-            raise IndexError_(f"the index at {target} is {problem}; rebuild it with `rag build`")
+            raise IndexFault(f"the index at {target} is {problem}; rebuild it with `rag build`")
         trouble = f"the current index version {target.name} is {problem}"
     for folder in reversed(folders):
         if folder.resolve() == target or folder.resolve() in broken:
@@ -264,21 +265,21 @@ def choose_version(index_dir: Path, model_name: str | None = None, broken: dict[
         if verdict.problem is None and _model_problem(verdict.manifest, model_name) is None:
             return folder, [f"{trouble}; serving {folder.name} instead: run `rag build` to write a good version, "
                             f"or `rag index rollback {folder.name}`"]
-    raise IndexError_(f"{trouble}, and no other version in {index_dir} is usable; run `rag build`")
+    raise IndexFault(f"{trouble}, and no other version in {index_dir} is usable; run `rag build`")
 
 
 def open_serving(index_dir: Path, model_name: str | None = None) -> Served:
     """Load the version to answer from: `current`, or when it is damaged or missing the newest intact version,
     with one line per problem for the caller to show (the chat and the CLI alike).
 
-    Raises IndexError_ (one line, saying what to do) when no version can serve.
+    Raises IndexFault (one line, saying what to do) when no version can serve.
     """
     broken: dict[Path, str] = {}
     while True:
         path, problems = choose_version(index_dir, model_name, broken)
         try:
             return Served(load(path, model_name), problems)
-        except IndexError_ as e:  # intact files that still do not load: try the next version
+        except IndexFault as e:  # intact files that still do not load: try the next version
             broken[path.resolve()] = f"damaged: {e}"
 
 
@@ -290,7 +291,7 @@ def dense_index_kind(config: Config, n: int) -> str:
         # builds in 12 s instead of 18 min (every build writes a whole new index) and takes 0.5 GB, not 1.75.
         kind = "flat" if n <= config.approx_threshold else "ivf_sq8"
     if kind not in ("flat", "hnsw", "ivf_sq8"):
-        raise IndexError_(f"unknown dense_index {kind!r}; use flat, hnsw, ivf_sq8 or auto")
+        raise IndexFault(f"unknown dense_index {kind!r}; use flat, hnsw, ivf_sq8 or auto")
     return kind
 
 
@@ -337,7 +338,7 @@ def _base(index_dir: Path) -> tuple[Path | None, list[str]]:
     damaged one, whose files a build would copy. (None, why) when there is none."""
     try:
         return choose_version(index_dir)
-    except IndexError_:  # no index yet, or one of another format or model: a full build
+    except IndexFault:  # no index yet, or one of another format or model: a full build
         return None, []
 
 
@@ -410,21 +411,21 @@ def document_changes(index_dir: Path, articles) -> dict[str, list[str]]:
 
 @contextlib.contextmanager
 def build_lock(index_dir: Path):
-    """Held by a build or a rollback; IndexError_ when another holds it or the folder cannot be written."""
+    """Held by a build or a rollback; IndexFault when another holds it or the folder cannot be written."""
     index_dir = Path(index_dir)
     if index_dir.exists() and not index_dir.is_dir():
-        raise IndexError_(f"{index_dir} is a file, not an index folder; choose another --index")
+        raise IndexFault(f"{index_dir} is a file, not an index folder; choose another --index")
     try:
         index_dir.mkdir(parents=True, exist_ok=True)
         fh = open(index_dir / ".build.lock", "a")
     except OSError as e:
-        raise IndexError_(f"cannot write to {index_dir} ({e.strerror or _one_line(e)}); building or rolling back "
+        raise IndexFault(f"cannot write to {index_dir} ({e.strerror or _one_line(e)}); building or rolling back "
                           "needs a writable index folder") from None
     with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise IndexError_(f"another build of {index_dir} is running; wait for it to finish and try again")
+            raise IndexFault(f"another build of {index_dir} is running; wait for it to finish and try again")
         yield
 
 
@@ -481,9 +482,9 @@ def _build(config: Config, embedder, progress, strict: bool) -> BuildReport:
         say(f"skipped {s.path}: {s.reason}")
     if strict and skipped:
         names = "; ".join(f"{s.path} ({s.reason})" for s in skipped)
-        raise IndexError_(f"--strict: {len(skipped)} file(s) could not be indexed: {names}; the current index is unchanged")
+        raise IndexFault(f"--strict: {len(skipped)} file(s) could not be indexed: {names}; the current index is unchanged")
     if not articles:
-        raise IndexError_(
+        raise IndexFault(
             f"no articles found in {config.corpus_dir} (.txt, .md, .jsonl, .html or .docx files); add some and run `rag build` again"
         )
     base, problems = _base(Path(config.index_dir))
@@ -596,7 +597,7 @@ def _write_version(index_dir, manifest, config, articles, chunks, cache, vectors
             with contextlib.suppress(OSError):
                 versions.rmdir()
         if isinstance(e, OSError):
-            raise IndexError_(f"could not write a new index version in {versions} ({e.strerror or _one_line(e)}); "
+            raise IndexFault(f"could not write a new index version in {versions} ({e.strerror or _one_line(e)}); "
                               "the current index is unchanged") from None
         raise
 
@@ -684,16 +685,16 @@ def _file_sha(path: Path) -> str:
 
 def validate(path: Path) -> Index:
     """Load a version folder and check it: file checksums, counts, and smoke queries that must find
-    a chunk by its own vector and by its own words. Raises IndexError_ saying what failed."""
+    a chunk by its own vector and by its own words. Raises IndexFault saying what failed."""
     index = load(path)  # verifies the manifest and every file's checksum
     probe = [0, len(index.chunks) // 2, len(index.chunks) - 1]
     _, ids = index.search_dense(index.vectors(probe), 10)
     if any(p not in row for p, row in zip(probe, ids.tolist())):
-        raise IndexError_(f"the dense index at {index.path} does not find chunks by their own vectors; run `rag build`")
+        raise IndexFault(f"the dense index at {index.path} does not find chunks by their own vectors; run `rag build`")
     for p in probe:
         found, _ = index.bm25.search(index.tokenizer.tokenize(index.chunks[p].search_text, search=True), 10)
         if index.chunks[p].text.strip() and p not in found.tolist() and len(found) < 10:
-            raise IndexError_(f"BM25 at {index.path} does not find chunk {p} by its own words; run `rag build`")
+            raise IndexFault(f"BM25 at {index.path} does not find chunk {p} by its own words; run `rag build`")
     return index
 
 
@@ -734,22 +735,22 @@ def rollback(index_dir: Path, version: str | None = None) -> dict:
         if version is None:
             earlier = [v for v in good if current is None or v["version"] < current["version"]]
             if not earlier:
-                raise IndexError_(f"no earlier intact index version in {index_dir} to roll back to "
+                raise IndexFault(f"no earlier intact index version in {index_dir} to roll back to "
                                   "(see `rag index list`); run `rag build`")
             target = earlier[-1]
         else:
             target = next((v for v in versions if v["version"] == version), None)
             if target is None:
-                raise IndexError_(f"no index version {version!r} in {index_dir}; `rag index list` shows them")
+                raise IndexFault(f"no index version {version!r} in {index_dir}; `rag index list` shows them")
             if target["problem"] is not None:
                 others = ", ".join(v["version"] for v in good) or "none; run `rag build`"
-                raise IndexError_(f"index version {version} is {target['problem']}; roll back to an intact one "
+                raise IndexFault(f"index version {version} is {target['problem']}; roll back to an intact one "
                                   f"({others})")
         load(Path(target["path"]))  # never point `current` at a version that does not load
         try:
             _point_current(index_dir, Path(target["path"]))
         except OSError as e:
-            raise IndexError_(f"cannot point {index_dir / 'current'} at {target['version']} "
+            raise IndexFault(f"cannot point {index_dir / 'current'} at {target['version']} "
                               f"({e.strerror or _one_line(e)}); the index folder must be writable") from None
         return {**target, "current": True}
 
@@ -758,33 +759,33 @@ def load(path: Path, model_name: str | None = None) -> Index:
     """Load an index folder (a version folder, or an index dir whose `current` points to one), after verifying
     its manifest and checksums. Strict: a damaged version raises; open_serving() falls back to a good one.
 
-    With `model_name`, refuse an index built with another embedding model. Every failure is an IndexError_
+    With `model_name`, refuse an index built with another embedding model. Every failure is an IndexFault
     with one line saying what to do.
     """
     path = Path(path)
     if os.path.lexists(path / "current") or (path / "versions").is_dir():
         target = _current_target(path)
         if target is None:
-            raise IndexError_(f"{path} has no `current` index version; run `rag index rollback` or `rag build`")
+            raise IndexFault(f"{path} has no `current` index version; run `rag index rollback` or `rag build`")
         path = target
     elif not (path / "manifest.json").exists():
-        raise IndexError_(f"no index at {path}; build one with `rag build --index {path}`")
+        raise IndexFault(f"no index at {path}; build one with `rag build --index {path}`")
     problem = _inspect(path).problem
     if problem is not None:
         advice = "rebuild it with `rag build`" if problem.startswith("outdated") else \
             "run `rag build` to write a good version, or `rag index rollback` (see `rag index list`)"
-        raise IndexError_(f"the index at {path} is {problem}; {advice}")
+        raise IndexFault(f"the index at {path} is {problem}; {advice}")
     manifest = _inspect(path).manifest
     wrong_model = _model_problem(manifest, model_name)
     if wrong_model:
-        raise IndexError_(f"the index at {path} was {wrong_model}; rebuild it with `rag build` or use "
+        raise IndexFault(f"the index at {path} was {wrong_model}; rebuild it with `rag build` or use "
                           f"--model {manifest['model'].get('name')}")
     try:
         return _read(path, manifest)
-    except IndexError_:
+    except IndexFault:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError) as e:  # RuntimeError: faiss
-        raise IndexError_(f"the index at {path} cannot be read ({_one_line(e)}); run `rag build` to write a good "
+        raise IndexFault(f"the index at {path} cannot be read ({_one_line(e)}); run `rag build` to write a good "
                           "version, or `rag index rollback`") from None
 
 
@@ -804,7 +805,7 @@ def _read(path: Path, manifest: dict) -> Index:
         dense.nprobe = int(cfg.get("ivf_nprobe", Config.ivf_nprobe))
     counts = manifest["counts"]
     if dense.ntotal != len(chunks) or len(chunks) != counts["chunks"] or len(documents) != counts["documents"]:
-        raise IndexError_(f"the index at {path} is inconsistent (counts differ from its manifest); run `rag build`")
+        raise IndexFault(f"the index at {path} is inconsistent (counts differ from its manifest); run `rag build`")
     terms = (path / "lexicon.txt").read_text(encoding="utf-8").split()
     speakers: dict[str, str | None] = {}
     for c in chunks:
@@ -812,11 +813,11 @@ def _read(path: Path, manifest: dict) -> Index:
             speakers[c.speaker] = c.role
     spans = np.load(path / "spans.npy")
     if len(spans) != counts.get("spans", -1):
-        raise IndexError_(f"the index at {path} is inconsistent (spans differ from its manifest); run `rag build`")
+        raise IndexFault(f"the index at {path} is inconsistent (spans differ from its manifest); run `rag build`")
     # Mapped now, not on first use: a file removed later stays readable through its mapping.
     vectors = np.load(path / "embeddings.npy", mmap_mode="r")
     span_vectors = np.load(path / "span_embeddings.npy", mmap_mode="r")
     if len(vectors) != len(chunks) or len(span_vectors) != len(spans):
-        raise IndexError_(f"the index at {path} is inconsistent (embeddings differ from its chunks); run `rag build`")
+        raise IndexFault(f"the index at {path} is inconsistent (embeddings differ from its chunks); run `rag build`")
     return Index(path, manifest, chunks, documents, dense, BM25.load(path), ChineseTokenizer(terms), speakers, spans,
                  _vectors=vectors, _span_vectors=span_vectors)

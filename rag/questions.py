@@ -10,6 +10,7 @@ import functools
 import re
 
 from .config import Config
+from .errors import RagError
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]{2,}")
@@ -29,7 +30,7 @@ _ASKS = {
 }
 
 
-class QuestionError(ValueError):
+class QuestionError(RagError, ValueError):
     """A question that cannot be answered as asked; the message says why, in Chinese."""
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 from .chunking import CHUNKER_VERSION
 from .config import Config
 from .corpus import CorpusError, load_corpus
-from .index import (FORMAT_VERSION, BuildReport, IndexError_, build, check_version, choose_version, current_path,
+from .index import (FORMAT_VERSION, BuildReport, IndexFault, build, check_version, choose_version, current_path,
                     document_changes)
 
 
@@ -59,17 +59,17 @@ def stale_reasons(config: Config, embedder) -> list[str]:
 def ensure_index(config: Config, embedder, say: Callable[[str], None] = lambda msg: None) -> BuildReport | None:
     """Build the index when it is missing, stale or damaged; None when it was already current, or when it cannot
     be rebuilt (a read-only folder, another build running, a corpus that fails) but a version can serve: then
-    `say` gets one line saying so. Raises IndexError_ or CorpusError only when there is nothing to serve."""
+    `say` gets one line saying so. Raises IndexFault or CorpusError only when there is nothing to serve."""
     reasons = stale_reasons(config, embedder)
     if not reasons:
         return None
     say(f"building the index: {'; '.join(reasons)}")
     try:
         return build(config, PacedEmbedder(embedder), progress=say)
-    except (IndexError_, CorpusError) as e:
+    except (IndexFault, CorpusError) as e:
         try:
             path, _ = choose_version(Path(config.index_dir), config.model)
-        except IndexError_:
+        except IndexFault:
             raise e from None
         say(f"the index was not rebuilt ({e}); serving version {path.name} as it is")
         return None
@@ -167,7 +167,7 @@ class Rebuilder:
             self.report = build(self.config, self._embedder, progress=self._say)
             if self._on_done:
                 self._on_done()  # e.g. load the new version now, not on the next question
-        except (IndexError_, CorpusError, OSError, ValueError, RuntimeError) as e:
+        except (IndexFault, CorpusError, OSError, ValueError, RuntimeError) as e:
             # A failed build leaves the served version as it was; the operator sees why.
             self.error = str(e)
             self._say(f"rebuild failed: {e}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from .chunking import chunk_article
 from .config import Config
 from .corpus import load_corpus
+from .errors import RagError
 
 ALLOWED_SUFFIXES = (".txt", ".md", ".jsonl", ".html", ".htm", ".docx")
 MAX_UPLOAD_BYTES = 5 * 2**20  # one news report is a few KB; 5 MB leaves room for a JSONL batch. Binary MB,
@@ -26,7 +27,7 @@ MAX_UPLOAD_BYTES = 5 * 2**20  # one news report is a few KB; 5 MB leaves room fo
 LARGE_ARTICLE_PASSAGES = 200
 
 
-class UploadError(ValueError):
+class UploadError(RagError, ValueError):
     """An uploaded file that cannot be added; the message says why, in Chinese."""
 
 

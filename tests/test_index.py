@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rag.config import Config
-from rag.index import FORMAT_VERSION, IndexError_, build, build_lock, load
+from rag.index import FORMAT_VERSION, IndexFault, build, build_lock, load
 from rag.retrieval import Retriever, convex, rrf
 
 from .conftest import SEED_ID
@@ -71,21 +71,21 @@ def test_rebuild_reuses_vectors_of_unchanged_chunks(built, fake_embedder):
 
 def test_loading_with_another_model_or_format_says_what_to_do(built):
     config, report = built
-    with pytest.raises(IndexError_, match="rag build"):
+    with pytest.raises(IndexFault, match="rag build"):
         load(config.index_dir, model_name="some-other-model")
     manifest = json.loads((report.path / "manifest.json").read_text(encoding="utf-8"))
     manifest["format_version"] = 999
     (report.path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-    with pytest.raises(IndexError_, match="rebuild"):
+    with pytest.raises(IndexFault, match="rebuild"):
         load(config.index_dir)
 
 
 def test_missing_index_and_empty_corpus_are_clear_errors(tmp_path, fake_embedder):
-    with pytest.raises(IndexError_, match="rag build"):
+    with pytest.raises(IndexFault, match="rag build"):
         load(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(IndexError_, match="no articles"):
+    with pytest.raises(IndexFault, match="no articles"):
         build(Config(corpus_dir=empty, index_dir=tmp_path / "idx"), fake_embedder)
     assert not (tmp_path / "idx" / "current").exists()
 
@@ -94,7 +94,7 @@ def test_a_failed_build_leaves_the_current_index(built, fake_embedder, tmp_path)
     config, report = built
     for f in config.corpus_dir.iterdir():
         f.unlink()
-    with pytest.raises(IndexError_):
+    with pytest.raises(IndexFault):
         build(config, fake_embedder)
     assert load(config.index_dir).version == report.manifest["version"]
 
@@ -102,7 +102,7 @@ def test_a_failed_build_leaves_the_current_index(built, fake_embedder, tmp_path)
 def test_two_builds_at_once_refuse(built, fake_embedder):
     config, _ = built
     with build_lock(config.index_dir):
-        with pytest.raises(IndexError_, match="another build"):
+        with pytest.raises(IndexFault, match="another build"):
             build(config, fake_embedder)
 
 
@@ -147,7 +147,7 @@ def test_versions_list_and_rollback(built, fake_embedder):
     assert [v["current"] for v in versions] == [False, True] and [v["status"] for v in versions] == ["ok", "ok"]
     back = rollback(config.index_dir)
     assert back["version"] == first.manifest["version"] == load(config.index_dir).version
-    with pytest.raises(IndexError_, match="no earlier"):
+    with pytest.raises(IndexFault, match="no earlier"):
         rollback(config.index_dir)
     rollback(config.index_dir, second.manifest["version"])
     assert load(config.index_dir).version == second.manifest["version"]
@@ -158,7 +158,7 @@ def test_strict_build_refuses_skipped_files_and_keeps_current(built, fake_embedd
     (config.corpus_dir / "broken.txt").write_bytes(b"\x00\x01\x02binary")
     report = build(config, fake_embedder)  # lenient: skipped and named, still builds
     assert [s.path for s in report.skipped] == ["broken.txt"]
-    with pytest.raises(IndexError_, match="broken.txt"):
+    with pytest.raises(IndexFault, match="broken.txt"):
         build(config, fake_embedder, strict=True)
     assert load(config.index_dir).version == report.manifest["version"]
 
@@ -324,5 +324,5 @@ def test_validation_checks_checksums_and_finds_chunks_by_themselves(built):
     validate(report.path)
     with (report.path / "chunks.jsonl").open("a", encoding="utf-8") as fh:
         fh.write("\n")  # one byte changed: the checksum no longer matches
-    with pytest.raises(IndexError_, match="checksum"):
+    with pytest.raises(IndexFault, match="checksum"):
         validate(report.path)

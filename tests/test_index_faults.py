@@ -12,7 +12,7 @@ import pytest
 
 from rag.answering import LiveQA
 from rag.config import Config
-from rag.index import IndexError_, build, check_version, list_versions, load, open_serving, rollback
+from rag.index import IndexFault, build, check_version, list_versions, load, open_serving, rollback
 from rag.serving import ensure_index, stale_reasons
 
 from .conftest import ROOT, SEED_ID
@@ -52,7 +52,7 @@ DAMAGE = {
 def test_a_damaged_current_version_is_reported_in_one_line_and_the_newest_good_one_serves(two, fake_embedder, damage):
     config, first, second = two
     DAMAGE[damage](second.path)
-    with pytest.raises(IndexError_) as e:
+    with pytest.raises(IndexFault) as e:
         load(config.index_dir)  # strict: names the version and says what to do
     assert second.path.name in one_line(e) and "rag index rollback" in str(e.value)
 
@@ -104,10 +104,10 @@ def test_a_single_damaged_version_is_a_one_line_error_that_says_to_build(tmp_pat
     config = Config(corpus_dir=seed_corpus, index_dir=tmp_path / "index", model=fake_embedder.name)
     only = build(config, fake_embedder)
     (only.path / "chunks.jsonl").unlink()
-    with pytest.raises(IndexError_, match="rag build") as e:
+    with pytest.raises(IndexFault, match="rag build") as e:
         open_serving(config.index_dir, fake_embedder.name)
     assert "chunks.jsonl is missing" in one_line(e)
-    with pytest.raises(IndexError_, match="rag build"):
+    with pytest.raises(IndexFault, match="rag build"):
         LiveQA(config, fake_embedder).get()
 
 
@@ -121,7 +121,7 @@ def test_list_and_rollback_work_whatever_state_a_version_is_in(two, fake_embedde
         assert broken["current"] and broken["status"].startswith("damaged: manifest.json cannot be read")
         assert broken["documents"] is None and broken["built_at"] is None and broken["model"] is None
 
-    with pytest.raises(IndexError_) as e:
+    with pytest.raises(IndexFault) as e:
         rollback(config.index_dir, second.path.name)  # a damaged target is refused, naming the good ones
     assert "damaged" in one_line(e) and first.path.name in str(e.value)
     back = rollback(config.index_dir)  # the version before the damaged current one
@@ -134,7 +134,7 @@ def test_list_and_rollback_work_whatever_state_a_version_is_in(two, fake_embedde
     third = build(config, fake_embedder)
     assert [v["status"] == "ok" for v in list_versions(config.index_dir)] == [True, False, True]
     assert rollback(config.index_dir)["version"] == first.path.name
-    with pytest.raises(IndexError_, match="no earlier intact"):
+    with pytest.raises(IndexFault, match="no earlier intact"):
         rollback(config.index_dir)
     assert rollback(config.index_dir, third.path.name)["version"] == third.path.name
 
@@ -187,20 +187,20 @@ def test_a_failed_build_leaves_nothing_new_behind(tmp_path, seed_corpus, fake_em
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(IndexError_, match="no articles"):
+    with pytest.raises(IndexFault, match="no articles"):
         build(Config(corpus_dir=empty, index_dir=tmp_path / "new-index"), fake_embedder)
     assert not (tmp_path / "new-index").exists()
 
     (tmp_path / "a-file").write_text("x", encoding="utf-8")
-    with pytest.raises(IndexError_, match="is a file") as e:
+    with pytest.raises(IndexFault, match="is a file") as e:
         build(Config(corpus_dir=seed_corpus, index_dir=tmp_path / "a-file"), fake_embedder)
     one_line(e)
 
     def fails(path):
-        raise IndexError_(f"the dense index at {path} does not find chunks by their own vectors; run `rag build`")
+        raise IndexFault(f"the dense index at {path} does not find chunks by their own vectors; run `rag build`")
 
     monkeypatch.setattr(rag.index, "validate", fails)  # a build that fails while writing its version
-    with pytest.raises(IndexError_, match="own vectors"):
+    with pytest.raises(IndexFault, match="own vectors"):
         build(Config(corpus_dir=seed_corpus, index_dir=tmp_path / "fresh"), fake_embedder)
     assert not (tmp_path / "fresh").exists()
     monkeypatch.undo()
@@ -210,7 +210,7 @@ def test_a_failed_build_leaves_nothing_new_behind(tmp_path, seed_corpus, fake_em
     before = sorted(p.relative_to(config.index_dir) for p in config.index_dir.rglob("*"))
     add_article(config, "reading", "读书日活动\n图书馆举办读书日活动。")
     monkeypatch.setattr(rag.index, "validate", fails)
-    with pytest.raises(IndexError_):
+    with pytest.raises(IndexFault):
         build(config, fake_embedder)
     assert sorted(p.relative_to(config.index_dir) for p in config.index_dir.rglob("*")) == before
 
@@ -220,7 +220,7 @@ import json, sys
 from pathlib import Path
 from rag.answering import LiveQA
 from rag.config import Config
-from rag.index import IndexError_, build, list_versions, rollback
+from rag.index import IndexFault, build, list_versions, rollback
 from rag.serving import ensure_index
 from tests.conftest import FakeEmbedder
 
@@ -234,7 +234,7 @@ for name, call in (("build", lambda: build(config, fake)), ("rollback", lambda: 
     try:
         call()
         out[name] = "no error"
-    except IndexError_ as e:
+    except IndexFault as e:
         out[name] = str(e)
 print(json.dumps(out))
 """

@@ -13,19 +13,13 @@ from pathlib import Path
 import pytest
 
 import rag.corpus
+import rag.decoding
+import rag.readers
 from rag.config import Config
-from rag.corpus import (
-    Article,
-    CorpusError,
-    Skipped,
-    Span,
-    decode_bytes,
-    decode_html,
-    load_corpus,
-    parse_article,
-    parse_html,
-    read_text,
-)
+from rag.corpus import Article, CorpusError, Skipped, Span, load_corpus
+from rag.decoding import decode_bytes, decode_html, read_text
+from rag.errors import RagError
+from rag.readers import parse_article, parse_html
 
 DATA = Path(__file__).parent / "data"
 SEED = DATA / "seed" / "000_3ab29ec542edc89a.txt"
@@ -753,6 +747,13 @@ def test_records_are_frozen(seed: Article) -> None:
         Span(5, 2)
 
 
-def test_docstring_examples() -> None:
-    result = doctest.testmod(rag.corpus)
+@pytest.mark.parametrize("module", [rag.decoding, rag.readers], ids=lambda m: m.__name__)
+def test_docstring_examples(module) -> None:
+    result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_corpus_errors_are_rag_errors() -> None:
+    # The CLI and the chat print any RagError as one line; decoding, readers and corpus raise one class.
+    assert issubclass(CorpusError, RagError)
+    assert rag.corpus.CorpusError is rag.decoding.CorpusError is rag.readers.CorpusError

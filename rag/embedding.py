@@ -533,7 +533,10 @@ class ThreadChooser:
         self._n: int | None = None
         self.busy_elsewhere: float | None = None  # the last estimate, in cores (for reports)
 
-    def __call__(self) -> int:
+    def __call__(self) -> int | None:
+        """Threads for the next batch; None when OMP_NUM_THREADS is set (the user chose: leave torch as it is)."""
+        if "OMP_NUM_THREADS" in os.environ:
+            return None
         now = time.monotonic()
         if self._n is not None and self._last is not None and now - self._last[0] < self.every:
             return self._n
@@ -554,7 +557,7 @@ class ThreadChooser:
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int | None):
+def torch_threads(n: int | None):
     """Run with n intra-op threads (None: as set), then restore; callers hold the model lock."""
     import torch
 
@@ -911,7 +914,7 @@ class Embedder:
         else:
             lengths = [len(t) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: lengths[i], reverse=True)
-        adaptive = threads is None and self.threads is None and "OMP_NUM_THREADS" not in os.environ
+        adaptive = threads is None and self.threads is None
         start = last_report = time.monotonic()
         with torch.inference_mode():
             for lo in range(0, len(order), batch_size):
@@ -919,7 +922,7 @@ class Embedder:
                 # Locked per batch, not per call, so a query need not wait for a whole rebuild.
                 with self._lock:
                     n = self._choose() if adaptive else (threads or self.threads)
-                    with _torch_threads(n):
+                    with torch_threads(n):
                         vecs = model.encode(
                             [texts[i] for i in idx],
                             prompt=prefix or None,

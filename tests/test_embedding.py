@@ -388,10 +388,13 @@ def test_thread_chooser_sees_other_processes_not_its_own(monkeypatch):
     monkeypatch.setattr(embedding, "_cpu_seconds", lambda: next(samples))
     monkeypatch.setattr(embedding.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(embedding.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     choose = embedding.ThreadChooser(cores=2, every=1.0)
     assert choose() == 2  # first look: the load average
     assert choose() == 1 and choose.busy_elsewhere == pytest.approx(0.8)  # 2.6 s busy, 1.0 of it ours, in 2 s
     assert choose() == 2 and choose.busy_elsewhere == pytest.approx(0.0)  # all the busy time was ours
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert choose() is None  # the user's choice stands
 
 
 def test_passage_threads_are_chosen_per_batch_and_restored(embedder, monkeypatch):

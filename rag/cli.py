@@ -271,17 +271,13 @@ def cmd_serve(args, config: Config) -> None:
     _check_folder(Path(config.index_dir), "index folder", "--index (env RAG_INDEX)", must_exist=False)
     _check_port(host, int(port))
     generator = _generator_config(args)
-    try:
-        import app  # the Gradio page lives outside rag/, which never imports gradio
-    except ModuleNotFoundError as e:
-        if e.name != "app":
-            raise
-        raise CLIError("app.py is not importable: reinstall the project (pip install -e .) or run `python app.py`") from None
+    from .web import serve  # imports gradio only when it serves
+
     try:
         # The password only ever comes from the environment: a flag would show in `ps`.
-        app.serve(config, host=host, port=int(port), feedback_db=_feedback_path(args),
-                  admin_password=os.environ.get("RAG_ADMIN_PASSWORD") or None, concurrency=args.concurrency,
-                  generator=generator)
+        serve(config, host=host, port=int(port), feedback_db=_feedback_path(args),
+              admin_password=os.environ.get("RAG_ADMIN_PASSWORD") or None, concurrency=args.concurrency,
+              generator=generator)
     except OSError as e:
         # Gradio says "Cannot find empty port ... set GRADIO_SERVER_PORT": our flag is --port.
         if "empty port" in str(e) or e.errno in (98, 48):  # EADDRINUSE on Linux, macOS

@@ -1,5 +1,6 @@
 """The web chat's parts without a browser: escaping, uploads, index freshness, and the running app
-(in-process, real model) answering through gradio_client while an index is missing or rebuilding."""
+(in-process, real model) answering through gradio_client while an index is missing or rebuilding.
+A chat turn and the operators' actions without Gradio: tests/test_chat.py."""
 import functools
 import os
 import shutil
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from rag.answering import Answer, Citation, LiveQA
+from rag.chat import FIRST_BUILD, NO_INDEX
 from rag.chunking import chunk_article
 from rag.cli import main
 from rag.config import Config
@@ -26,7 +28,7 @@ from rag.readers import parse_article
 from rag.rendering import answer_html, answer_text
 from rag.retrieval import Filters, Hit
 from rag.serving import Rebuilder, ensure_index, stale_reasons
-from rag.uploads import (LARGE_ARTICLE_PASSAGES, UploadError, UploadQuota, add_uploads, fresh_upload_dir,
+from rag.uploads import (UploadError, UploadQuota, add_uploads, fresh_upload_dir,
                          inspect_upload, safe_name)
 
 from .conftest import SEED, corpus_in
@@ -51,9 +53,10 @@ class _Tags(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def xss_chunks():
-    text, encoding = read_text(XSS)
-    article = parse_article(text, XSS.name, XSS.stem, encoding)
+def xss_chunks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("xss")
+    shutil.copy(XSS, folder / XSS.name)
+    (article,), _ = load_corpus(folder, Config())
     return article, chunk_article(article, Config())
 
 
@@ -270,14 +273,15 @@ def free_port() -> int:
 @pytest.fixture
 def launch(tmp_path):
     """launch(live, rebuilder) -> gradio_client.Client of the app served in this process."""
-    import app
     from gradio_client import Client
+
+    from rag.web import create_app
 
     demos = []
 
     def _launch(live, rebuilder, **kwargs):
         kwargs.setdefault("upload_dir", tmp_path / "uploads")
-        demo = app.create_app(live, rebuilder, FeedbackStore(tmp_path / "feedback.sqlite3"), **kwargs)
+        demo = create_app(live, rebuilder, FeedbackStore(tmp_path / "feedback.sqlite3"), **kwargs)
         demo.queue(default_concurrency_limit=4)
         demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
         demos.append(demo)
@@ -342,17 +346,15 @@ def test_chats_answer_from_the_old_index_while_rebuilding_then_switch(tmp_path, 
 
 
 def test_a_question_during_the_first_build_says_to_wait(tmp_path, real_embedder, launch):
-    import app
-
     config = seed_config(tmp_path)
     live = LiveQA(config, real_embedder)
     gated = GatedEmbedder(real_embedder)
     rebuilder = Rebuilder(config, gated, on_done=live.get)
     client = launch(live, rebuilder)
-    assert client.predict("报告会在哪里举行？", api_name="/chat") == app.NO_INDEX
+    assert client.predict("报告会在哪里举行？", api_name="/chat") == NO_INDEX
     rebuilder.start()
     assert gated.waiting.wait(60)
-    assert client.predict("报告会在哪里举行？", api_name="/chat") == app.FIRST_BUILD
+    assert client.predict("报告会在哪里举行？", api_name="/chat") == FIRST_BUILD
     gated.gate.set()
     assert rebuilder.wait(120)
     assert "理解为：报告会在哪里举行？" in client.predict("报告会在哪里举行？", api_name="/chat")
@@ -366,7 +368,7 @@ def test_serve_refuses_a_bad_port(capsys):
 def test_operators_tab_exists_only_with_a_password_and_checks_the_login(tmp_path, fake_embedder):
     import gradio as gr
 
-    import app
+    from rag.web import create_app
 
     config = seed_config(tmp_path)
     live, rebuilder = LiveQA(config, fake_embedder), Rebuilder(config, fake_embedder)
@@ -375,8 +377,8 @@ def test_operators_tab_exists_only_with_a_password_and_checks_the_login(tmp_path
     def elem_ids(demo):
         return {c.get("props", {}).get("elem_id") for c in demo.get_config_file()["components"]}
 
-    assert "admin-password" not in elem_ids(app.create_app(live, rebuilder, store))
-    demo = app.create_app(live, rebuilder, store, admin_password="secret")
+    assert "admin-password" not in elem_ids(create_app(live, rebuilder, store))
+    demo = create_app(live, rebuilder, store, admin_password="secret")
     assert {"admin-password", "upload", "add-rebuild"} <= elem_ids(demo)
     # The handlers behind the hidden layout refuse a session that has not logged in.
     handlers = {f.name: f.fn for f in demo.fns.values()}
@@ -400,7 +402,7 @@ def test_operators_tab_exists_only_with_a_password_and_checks_the_login(tmp_path
     assert ok is False and login_box["visible"] is True and admin_box["visible"] is False
 
 
-# ---------------------------------------------------------------- operators' login
+# ---------------------------------------------------------------- operators' login (the guard: test_chat.py)
 
 
 class Clock:
@@ -411,39 +413,14 @@ class Clock:
         return self.now
 
 
-def test_wrong_passwords_back_off_then_lock_out_one_client_only():
-    import app
-
-    clock = Clock()
-    guard = app.LoginGuard("secret", lock_after=5, lockout=900, clock=clock)
-    assert guard.attempt("guesser", "a") == (False, "密码不正确。请 1 秒后再试。")
-    # Too early: refused without looking at the password, the right one included.
-    assert guard.attempt("guesser", "secret") == (False, "尝试太频繁，请 1 秒后再试。")
-    assert guard.attempt("staff", "secret") == (True, "")  # another client logs in at once
-    waits = []
-    for _ in range(3):
-        clock.now += 60
-        ok, message = guard.attempt("guesser", "b")
-        waits.append(message)
-    assert waits == ["密码不正确。请 2 秒后再试。", "密码不正确。请 4 秒后再试。", "密码不正确。请 8 秒后再试。"]
-    clock.now += 60
-    assert guard.attempt("guesser", "c") == (False, "密码不正确。错误次数过多，已锁定，请 15 分钟后再试。")
-    clock.now += 600
-    assert guard.attempt("guesser", "secret") == (False, "尝试太频繁，请 5 分钟后再试。")
-    assert guard.attempt("staff", "secret")[0] and guard.attempt("other", "x")[1] == "密码不正确。请 1 秒后再试。"
-    clock.now += 301
-    assert guard.attempt("guesser", "secret") == (True, "")
-    assert guard.attempt("guesser", "wrong")[1] == "密码不正确。请 1 秒后再试。"  # a success starts afresh
-
-
 def test_a_guessing_client_does_not_slow_another_login(tmp_path, fake_embedder):
     import time
 
-    import app
+    from rag.web import create_app
 
     config = seed_config(tmp_path)
-    demo = app.create_app(LiveQA(config, fake_embedder), Rebuilder(config, fake_embedder),
-                          FeedbackStore(tmp_path / "f.sqlite3"), admin_password="secret")
+    demo = create_app(LiveQA(config, fake_embedder), Rebuilder(config, fake_embedder),
+                      FeedbackStore(tmp_path / "f.sqlite3"), admin_password="secret")
     login = {f.name: f.fn for f in demo.fns.values()}["login"]
     guesser, staff = (SimpleNamespace(client=SimpleNamespace(host=h)) for h in ("10.0.0.66", "10.0.0.2"))
     started = time.monotonic()
@@ -525,25 +502,7 @@ def test_the_page_is_served_in_chinese(tmp_path, fake_embedder, launch):
     assert page.index('"zh-CN"') < page.index("window.gradio_config")  # set before Gradio's scripts run
 
 
-# ---------------------------------------------------------------- operators' tab helpers
-
-
-def test_large_articles_are_flagged_in_the_preview(tmp_path):
-    import app
-
-    paragraphs = "\n\n".join(f"第{i}段。" + "学校召开了工作会议，会议研究部署了下一阶段的重点任务。" * 6
-                               for i in range(LARGE_ARTICLE_PASSAGES * 2))
-    text = "学校召开工作会议\n发布时间：2023-09-01\n\n" + paragraphs
-    big = inspect_upload("big.txt", text.encode(), tmp_path, Config())
-    assert big.ok and big.articles[0].segments > LARGE_ARTICLE_PASSAGES
-    assert "异常大" in big.articles[0].warning
-    normal = inspect_upload(SEED.name, SEED.read_bytes(), tmp_path, Config())
-    assert normal.articles[0].warning is None
-    table = app._preview_html([big, normal])
-    assert table.count("异常大") == 1 and table.count("可以添加") == 2 and "已添加" not in table
-    added = app._preview_html([big, normal], added=True)
-    assert "可以添加" not in added and added.count("已添加") == 2
-    assert not any(ord(ch) > 0x2600 and ord(ch) < 0x2800 or ord(ch) >= 0x1F000 for ch in table + added)  # no emoji
+# ---------------------------------------------------------------- adding uploads
 
 
 def test_added_files_keep_the_corpus_mode(tmp_path):
@@ -552,30 +511,6 @@ def test_added_files_keep_the_corpus_mode(tmp_path):
     up = inspect_upload("reading-day.md", READING_DAY.read_bytes(), corpus, Config())
     (path,) = add_uploads([up], corpus)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
-
-
-def test_filters_that_match_nothing_say_so(xss_chunks):
-    import app
-
-    _, chunks = xss_chunks
-    assert app._filter_problem(Filters(), chunks) is None
-    assert app._filter_problem(Filters(speakers=("刘洋",)), chunks) is None
-    assert "晚于截止日期" in app._filter_problem(Filters(date_from="2023-10-01", date_to="2023-09-01"), chunks)
-    assert app._filter_problem(Filters(speakers=("王沪宁",)), chunks) == "索引中没有发言人「王沪宁」，请从发言人列表中选择。"
-    assert app._filter_problem(Filters(speakers=("王沪宁", "刘洋")), chunks) is None  # one of them is known
-    late = app._filter_problem(Filters(date_from="2024-01-01"), chunks)
-    assert late == "没有文章符合筛选条件（日期：2024-01-01 至 最新）（已收录的文章在 2023-09-12 至 2023-09-12 之间），请放宽筛选后再问。"
-
-
-def test_times_are_shown_local_and_readable():
-    import datetime as dt
-
-    import app
-
-    utc = dt.datetime(2024, 5, 1, 8, 30, tzinfo=dt.timezone.utc)
-    assert app._local_time(utc.isoformat()) == utc.astimezone().strftime("%Y-%m-%d %H:%M")
-    assert app._local_time("2024-05-01T08:30:00.123456") == "2024-05-01 08:30"
-    assert app._local_time(None) == "（未知）" and app._local_time("garbage") == "garbage"
 
 
 def test_an_unreachable_llm_server_gets_a_clear_message_and_the_chat_goes_on(tmp_path, real_embedder, launch):

@@ -1,0 +1,452 @@
+"""A chat turn and the operators' actions, without any UI: what the web page shows, as plain records and HTML.
+
+rag/web.py wires these to Gradio; nothing here imports it, so every step can be tested by calling it.
+Over 400 lines because it holds both halves the page needs (the chat turn ~260, the operators ~190); the
+operators' half (LoginGuard, preview_html, Operators) is the seam to split off when either grows.
+"""
+
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import html
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from .answering import QA, Answer, LiveQA
+from .conversation import checked_examples, next_focus, rewrite
+from .generation import GenerationError, Retry
+from .index import IndexFault, list_versions
+from .rendering import answer_html, answer_text, message_html, writing_html
+from .retrieval import Filters
+from .serving import Rebuilder, index_status
+from .uploads import MAX_UPLOAD_BYTES, Upload, UploadError, add_uploads, inspect_upload
+
+NO_INDEX = "还没有可用的索引，暂时无法回答。请管理员在「管理」标签页上传文章并重建索引，或在服务器上运行 `rag build`。"
+FIRST_BUILD = "索引正在构建中，请稍候一两分钟再提问。"
+GENERATION_FAILED = "生成回答时出错：{error}。请稍后再试，或请管理员检查语言模型（不设 RAG_GENERATOR 即用抽取式回答）。"
+REBUILDING = "索引正在更新：本回答来自当前版本 {version}，更新完成后将自动使用新版本。"
+TYPING_STEPS = 8  # pieces an answer is typed out in
+TYPING_DELAY = 0.03  # seconds between pieces
+SHOWN_QUESTION_CHARS = 300  # a very long question is shown shortened in the chat
+ICON_OK, ICON_BAD, ICON_WARN = ('<span class="rag-icon rag-icon-ok"></span>', '<span class="rag-icon rag-icon-bad"></span>',
+                                '<span class="rag-icon rag-icon-warn"></span>')
+
+
+# ------------------------------------------------------------------ records
+
+
+@dataclasses.dataclass(frozen=True)
+class Rated:
+    """What a 👍/👎 on an answer records (the keyword arguments of FeedbackStore.add, less the rating)."""
+
+    question: str
+    understood: str
+    answer: str
+    found: bool
+    citations: list[dict]
+    index_version: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """One conversation: the speaker follow-ups refer to, and the answers that can be rated by message index."""
+
+    focus: str | None = None
+    turns: dict[int, Rated] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    """One step of a chat turn: the reply's HTML as it shows now, and the session after this step."""
+
+    html: str
+    session: Session
+
+
+@dataclasses.dataclass(frozen=True)
+class PageInfo:
+    """The page's header, filters and examples for the index now served."""
+
+    speakers: list[str]  # the filter's choices
+    date_from_hint: str  # placeholders of the date fields
+    date_to_hint: str
+    examples: list[str]  # checked example questions ([] until checked)
+    headline: str  # the status line (Markdown)
+    shown: tuple  # (index version, whether the examples are the checked ones): the page's state, to skip repeats
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """One step of adding or rebuilding: the progress text and index status; `preview`: the upload table to
+    show once files were added (None: nothing was added, the uploads stay as they are)."""
+
+    text: str
+    status: str
+    preview: str | None = None
+
+
+# ------------------------------------------------------------------ filters and small texts
+
+
+def parse_filters(speakers: Iterable[str] | None, date_from: str | None, date_to: str | None) -> Filters:
+    """Filters from the form; ValueError with a message in Chinese for a malformed date."""
+    days = []
+    for label, value in (("起始日期", date_from), ("截止日期", date_to)):
+        value = (value or "").strip()
+        if value:
+            try:
+                dt.date.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"{label}「{value}」格式不对，请写成 2023-07-04 这样的形式。") from None
+        days.append(value or None)
+    return Filters(speakers=tuple(speakers or ()), date_from=days[0], date_to=days[1])
+
+
+def filter_problem(filters: Filters, chunks) -> str | None:
+    """Why no passage can pass `filters`, in Chinese; None when some can (or there are no filters).
+
+    Said instead of answering, so that "文章中没有提到" is never the filter's fault.
+    """
+    if not filters:
+        return None
+    if filters.date_from and filters.date_to and filters.date_from > filters.date_to:
+        return f"起始日期 {filters.date_from} 晚于截止日期 {filters.date_to}，没有文章能同时满足，请调整日期。"
+    known = {c.speaker for c in chunks if c.speaker}
+    unknown = [s for s in filters.speakers if s not in known]
+    if unknown and len(unknown) == len(filters.speakers):
+        return f"索引中没有发言人「{'、'.join(unknown)}」，请从发言人列表中选择。"
+    if any(filters.allows(c) for c in chunks):
+        return None
+    days = sorted(c.date[:10] for c in chunks if c.date)
+    span = f"（已收录的文章在 {days[0]} 至 {days[-1]} 之间）" if days else ""
+    return f"没有文章符合筛选条件（{_describe_filters(filters)}）{span}，请放宽筛选后再问。"
+
+
+def _describe_filters(filters: Filters) -> str:
+    parts = []
+    if filters.speakers:
+        parts.append("发言人：" + "、".join(filters.speakers))
+    if filters.date_from or filters.date_to:
+        parts.append(f"日期：{filters.date_from or '最早'} 至 {filters.date_to or '最新'}")
+    return "；".join(parts)
+
+
+def local_time(stamp: str | None) -> str:
+    """An ISO time as the server's local, readable time: "2024-05-01T08:30:00+00:00" -> "2024-05-01 16:30" in +08."""
+    try:
+        moment = dt.datetime.fromisoformat(stamp or "")
+    except ValueError:
+        return stamp or "（未知）"
+    if moment.tzinfo is not None:
+        moment = moment.astimezone()
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+def question_html(question: str | None) -> str:
+    """The user's message in the chat; a very long question shortened: "问"*301 -> "问"*300 + "…（共 301 个字符）"."""
+    question = question or ""
+    if len(question) > SHOWN_QUESTION_CHARS:
+        question = f"{question[:SHOWN_QUESTION_CHARS]}…（共 {len(question)} 个字符）"
+    return message_html(question or "（空问题）")
+
+
+# ------------------------------------------------------------------ the chat
+
+
+class _Writing:
+    """Follows an answer stream: iterate for the HTML after each change; then `.answer`, and `.written`
+    (the text a generator wrote; "" for the extractive answerer, which yields only the Answer)."""
+
+    def __init__(self, stream: Iterator):
+        self._stream, self.written, self.sources, self.answer = stream, "", [], None
+
+    def __iter__(self) -> Iterator[str]:
+        for item in self._stream:
+            if isinstance(item, Answer):
+                self.answer = item
+                continue
+            if isinstance(item, str):  # a generator's tokens, as they come
+                self.written += item
+            elif isinstance(item, Retry):  # nothing it wrote had support: it writes again
+                self.written, self.sources = "", []
+            else:  # a sentence checked against the passages: its sources show while the rest is written
+                self.sources += [c for c in item.spans if c not in self.sources]
+            yield writing_html(self.written, self.sources)
+
+
+class Chat:
+    """Questions in, what the chat shows out, from whatever index LiveQA serves (or why none can answer)."""
+
+    def __init__(self, live: LiveQA, rebuilder: Rebuilder, *, sleep: Callable[[float], None] = time.sleep):
+        self.live, self.rebuilder, self._sleep = live, rebuilder, sleep
+        self._examples: dict[str, list[str]] = {}  # index version -> example questions checked against it
+        self._examples_lock = threading.Lock()
+
+    def current(self) -> tuple[QA | None, str | None]:
+        """(qa, None), or (None, message) when there is no index to answer from."""
+        try:
+            return self.live.get(), None
+        except (IndexFault, OSError, ValueError):  # missing, or unreadable (a corrupt manifest is a ValueError)
+            return None, FIRST_BUILD if self.rebuilder.running else NO_INDEX
+
+    def _note(self, qa: QA) -> str | None:
+        return REBUILDING.format(version=qa.index.version) if self.rebuilder.running else None
+
+    def _filters_for(self, qa: QA | None, problem: str | None, speakers, date_from, date_to):
+        """(filters, None), or (None, why the question is not answered)."""
+        if problem is not None:
+            return None, problem
+        try:
+            filters = parse_filters(speakers, date_from, date_to)
+        except ValueError as e:
+            return None, str(e)
+        return filters, filter_problem(filters, qa.index.chunks)
+
+    def turn(self, question: str | None, session: Session, speakers=(), date_from: str = "", date_to: str = "", *,
+             at: int) -> Iterator[Reply]:
+        """The reply to `question` as it is written, the finished answer last; `at`: the reply's message index
+        in the chat (a rating refers to it). A notice (no index, a bad filter, a failed LLM) ends the turn."""
+        question = question or ""
+        qa, problem = self.current()
+        filters, problem = self._filters_for(qa, problem, speakers, date_from, date_to)
+        if problem is not None:
+            yield Reply(message_html(problem, "rag-notice"), session)
+            return
+        yield Reply(message_html("…"), session)  # the question shows at once, with a placeholder for the answer
+        understood = rewrite(question.strip(), session.focus, qa.index.speakers)
+        writing = _Writing(qa.stream(understood, filters=filters))
+        try:
+            for shown in writing:
+                yield Reply(shown, session)
+        except GenerationError as e:  # the LLM failed (server down, model missing): say so, keep the chat going
+            yield Reply(message_html(GENERATION_FAILED.format(error=e), "rag-notice"), session)
+            return
+        answer, note = writing.answer, self._note(qa)
+        if not writing.written:
+            # The extractive answer is ready at once; typing it out keeps the chat's familiar rhythm.
+            step = max(1, -(-len(answer.answer) // TYPING_STEPS))
+            for end in range(step, len(answer.answer), step):
+                yield Reply(message_html(answer.answer[:end] + "▍"), session)
+                self._sleep(TYPING_DELAY)
+        if answer.error is None:
+            rated = Rated(question, understood, answer.answer, answer.found,
+                          [dataclasses.asdict(c) for c in answer.citations], qa.index.version)
+            focus = next_focus(understood, [c.speaker for c in answer.citations], answer.answer,
+                               qa.index.speakers, session.focus)
+            session = Session(focus, {**session.turns, at: rated})
+        yield Reply(answer_html(answer, understood, filters, note), session)
+
+    def answer_text(self, question: str | None, speaker: str = "", date_from: str = "", date_to: str = "") -> str:
+        """One question's answer and its sources as text (the /chat API). `speaker`: names separated by commas."""
+        speakers = [s for s in re.split(r"[,，、\s]+", speaker or "") if s]
+        qa, problem = self.current()
+        filters, problem = self._filters_for(qa, problem, speakers, date_from, date_to)
+        if problem is not None:
+            return problem
+        question = question or ""
+        try:
+            answer = qa.ask(question, filters=filters)
+        except GenerationError as e:
+            return GENERATION_FAILED.format(error=e)
+        return answer_text(answer, question, filters, self._note(qa))
+
+    def _check_examples(self, qa: QA) -> list[str]:
+        """The example questions for qa's index, each answered well by the extractive answerer (once per version)."""
+        with self._examples_lock:
+            version = qa.index.version
+            if version not in self._examples:
+                # Extractive even when an LLM writes the chat's answers: a quick check of what the passages support.
+                checker = QA.over(qa.index, qa.retriever.embedder, qa.config)
+                self._examples[version] = checked_examples(qa.index.chunks, checker.ask, qa.index.speakers)
+            return self._examples[version]
+
+    def examples_ready(self, qa: QA) -> list[str] | None:
+        """The checked examples if done; else None, with the check started in the background."""
+        found = self._examples.get(qa.index.version)
+        if found is None and not self._examples_lock.locked():
+            threading.Thread(target=self._check_examples, args=(qa,), daemon=True).start()
+        return found
+
+    def page(self, shown: tuple | None = None) -> PageInfo | None:
+        """What the page's header, filters and examples show now; None when `shown` (PageInfo.shown) still holds."""
+        qa, problem = self.current()
+        if qa is None:
+            now = (None, False)
+            return None if now == shown else PageInfo([], "", "", [], f"**注意：** {problem}", now)
+        examples = self.examples_ready(qa)
+        now = (qa.index.version, examples is not None)
+        if now == shown:
+            return None
+        days = sorted(c.date[:10] for c in qa.index.chunks if c.date)
+        status = index_status(qa.index)
+        return PageInfo(sorted(qa.index.speakers), f"最早 {days[0]}" if days else "YYYY-MM-DD",
+                        f"最新 {days[-1]}" if days else "YYYY-MM-DD", list(examples or []),
+                        f"当前索引：{status['documents']} 篇文章、{status['chunks']} 个段落（版本 {status['version']}）",
+                        now)
+
+    def rate(self, feedback, session: Session, index: int, liked: bool | None) -> str | None:
+        """Record a 👍 (liked True), 👎 (False) or its withdrawal (None) of the message at `index`; the thanks to
+        show, or None when that message is a notice, not an answer."""
+        rated = session.turns.get(index)
+        if rated is None:
+            return None
+        rating = {True: "up", False: "down"}.get(liked, "none")
+        feedback.add(rating=rating, **dataclasses.asdict(rated))
+        return "谢谢，反馈已记录。" if rating != "none" else "已撤回反馈。"
+
+
+# ------------------------------------------------------------------ the operators
+
+
+class LoginGuard:
+    """The operators' password, checked in constant time, with a per-client back-off and lockout.
+
+    After a wrong password a client waits 1 s, then 2, 4, 8 … before it may try again; after
+    `lock_after` wrong passwords in a row it is locked out for `lockout` seconds. Nothing sleeps:
+    an early try is refused at once with how long to wait, so a guesser never ties up a worker and
+    never slows another client's login. A right password clears the client's record.
+    """
+
+    def __init__(self, password: str, *, lock_after: int = 5, lockout: float = 900.0, clock=time.monotonic):
+        self._digest = hashlib.sha256(password.encode()).digest()
+        self.lock_after, self.lockout, self.clock = lock_after, lockout, clock
+        self._failures: dict[str, tuple[int, float]] = {}  # client -> (wrong passwords in a row, may try again at)
+        self._lock = threading.Lock()
+
+    def attempt(self, client: str, password: str | None) -> tuple[bool, str]:
+        """(True, "") for the right password; else (False, a message in Chinese saying what to do)."""
+        now = self.clock()
+        with self._lock:
+            failures, until = self._failures.get(client, (0, 0.0))
+            if now < until:
+                return False, f"尝试太频繁，请 {_wait_text(until - now)}后再试。"
+            # Digests have one length, so compare_digest's time does not depend on the guess either.
+            if hmac.compare_digest(hashlib.sha256((password or "").encode()).digest(), self._digest):
+                self._failures.pop(client, None)
+                return True, ""
+            failures += 1
+            if failures >= self.lock_after:
+                self._failures[client] = (0, now + self.lockout)
+                return False, f"密码不正确。错误次数过多，已锁定，请 {_wait_text(self.lockout)}后再试。"
+            self._failures[client] = (failures, now + 2.0 ** (failures - 1))
+            return False, f"密码不正确。请 {_wait_text(2.0 ** (failures - 1))}后再试。"
+
+
+def _wait_text(seconds: float) -> str:
+    """_wait_text(0.2) -> "1 秒"; _wait_text(900) -> "15 分钟" """
+    seconds = max(1, int(-(-seconds // 1)))
+    return f"{seconds} 秒" if seconds < 60 else f"{-(-seconds // 60)} 分钟"
+
+
+def preview_html(uploads: list[Upload], added: bool = False) -> str:
+    """The preview table; `added`: the accepted files are now in the corpus (said so instead of 可以添加)."""
+    e = html.escape
+    rows = []
+    for u in uploads:
+        if not u.ok:
+            result = "未添加：" if added else ""
+            rows.append(f'<tr class="upload-bad"><td>{e(u.original)}</td>'
+                        f'<td colspan="5">{ICON_BAD}{result}{e(u.error)}</td></tr>')
+            continue
+        for a in u.articles:
+            result = f"{ICON_OK}已添加" if added else f"{ICON_OK}可以添加"
+            if a.warning:
+                result += f'<div class="upload-warn">{ICON_WARN}{e(a.warning)}</div>'
+            rows.append(f'<tr class="upload-ok{" upload-large" if a.warning else ""}">'
+                        f'<td>{e(u.original)} → {e(u.name)}</td><td>{e(a.title)}</td>'
+                        f'<td>{e(a.date or "（无日期）")}</td><td>{e("、".join(a.speakers) or "（无）")}</td>'
+                        f'<td>{a.segments}</td><td>{result}</td></tr>')
+    head = "<tr><th>文件</th><th>标题</th><th>日期</th><th>发言人</th><th>段落数</th><th>结果</th></tr>"
+    return f'<table class="upload-table">{head}{"".join(rows)}</table>' if rows else ""
+
+
+class Operators:
+    """The operators' tab without its login: index status, upload previews, adding articles, rebuilding.
+
+    The caller checks that the session logged in (LoginGuard) before calling any of these.
+    """
+
+    def __init__(self, chat: Chat, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, poll: float = 0.5):
+        self.chat, self.max_upload_bytes, self.poll = chat, max_upload_bytes, poll
+        self.rebuilder, self.live = chat.rebuilder, chat.live
+        self.config = self.rebuilder.config
+
+    def status(self) -> str:
+        """The served index and every kept version, as Markdown."""
+        qa, problem = self.chat.current()
+        if qa is None:
+            out = f"**索引状态：** {problem}"
+        else:
+            s = index_status(qa.index)
+            out = (f"| 文章数 | 段落数 | 嵌入模型 | 构建时间 | 版本 |\n|---|---|---|---|---|\n"
+                   f"| {s['documents']} | {s['chunks']} | {s['model']} | {local_time(s['built_at'])} | {s['version']} |")
+        return out + self._versions()
+
+    def _versions(self) -> str:
+        """Every kept version and its state (a damaged one says why), and why another than `current` serves."""
+        problems = "".join(f"\n\n**注意：** {html.escape(p)}" for p in self.live.problems)
+        rows = [f"| {v['version']} | {local_time(v['built_at']) if v.get('built_at') else '?'} | "
+                f"{v['documents'] if v.get('documents') is not None else '?'} | "
+                f"{'是' if v['current'] else ''} | {'正常' if v['problem'] is None else html.escape(v['problem'])} |"
+                for v in reversed(list_versions(self.live.config.index_dir))]
+        table = "\n\n| 保留的版本 | 构建时间 | 文章数 | current | 状态 |\n|---|---|---|---|---|\n" + "\n".join(rows) if rows else ""
+        return problems + table
+
+    def preview(self, paths: Iterable[str | Path] | None) -> list[Upload]:
+        """Each uploaded file checked as the build would read it (nothing is written); see preview_html."""
+        qa, _ = self.chat.current()
+        known = {d["content_hash"]: d["title"] for d in qa.index.manifest["documents"]} if qa else {}
+        uploads = []
+        for path in paths or []:
+            path = Path(path)
+            try:
+                data = path.read_bytes()
+            except OSError as e:
+                uploads.append(Upload(path.name, "", b"", error=f"无法读取上传的文件（{e.strerror or e}）。"))
+                continue
+            uploads.append(inspect_upload(path.name, data, self.config.corpus_dir, self.config, known,
+                                          self.max_upload_bytes))
+        return uploads
+
+    def add_and_rebuild(self, uploads: list[Upload] | None) -> Iterator[Progress]:
+        """Write the accepted uploads into the corpus and rebuild, following the rebuild until it ends."""
+        accepted = [u for u in uploads or [] if u.ok]
+        if not accepted:
+            yield Progress("没有可以添加的文件：请先上传并检查预览中的结果。", self.status())
+            return
+        if self.rebuilder.running:
+            yield Progress("已有一次重建正在进行，请等它完成后再添加。", self.status())
+            return
+        try:
+            written = add_uploads(accepted, self.config.corpus_dir)
+        except UploadError as e:
+            yield Progress(str(e), self.status())
+            return
+        added = "、".join(p.name for p in written)
+        shown = preview_html(uploads, added=True)  # what was added stays listed, marked as added
+        self.rebuilder.start()
+        for step in self._watch(prefix=f"已添加：{added}\n"):
+            yield dataclasses.replace(step, preview=shown)
+
+    def rebuild(self) -> Iterator[Progress]:
+        """Rebuild from the corpus as it is (or follow the rebuild already running)."""
+        self.rebuilder.start()
+        yield from self._watch(prefix="")
+
+    def _watch(self, prefix: str) -> Iterator[Progress]:
+        rebuilder = self.rebuilder
+        while rebuilder.running:
+            yield Progress(prefix + "\n".join(rebuilder.lines[-12:]), self.status())
+            time.sleep(self.poll)
+        if rebuilder.error:
+            done = f"重建失败：{rebuilder.error}\n聊天继续使用原来的索引。"
+        elif rebuilder.report is not None:
+            m = rebuilder.report.manifest
+            done = f"重建完成：版本 {m['version']}，{m['counts']['documents']} 篇文章、{m['counts']['chunks']} 个段落。"
+        else:
+            done = "重建没有完成，详情见服务器日志；聊天继续使用原来的索引。"
+        yield Progress(prefix + "\n".join(rebuilder.lines[-12:]) + "\n" + done, self.status())

@@ -1,8 +1,14 @@
-"""Shared fixtures: the seed article, a deterministic fake embedder for plumbing tests, the real model."""
+"""Shared fixtures and helpers: the seed article, a deterministic fake embedder for plumbing tests, the real
+model, the web chat started as staff start it; and the test tiers (slow, browser, llm) assigned by fixture."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +21,51 @@ SEED = ROOT / "corpus" / "000_3ab29ec542edc89a.txt"
 SEED_ID = "000_3ab29ec542edc89a"
 SHARED_QA = ROOT.parent / "shared" / "eval" / "seed_qa.jsonl"
 QA_COPY = ROOT / "tests" / "data" / "seed_qa.jsonl"  # a copy, so the suite runs without ../shared
+
+
+# ---------------------------------------------------------------- tiers
+#
+# `pytest -m "not slow"` is the fast tier (under 2 minutes on 2 cores); `pytest` runs everything (CI).
+# Markers follow from what a test uses, so a new test lands in the right tier without remembering a decorator.
+
+# (module, fixture) -> markers; module "*" means any module. Fixtures are looked up by name from the test's own
+# module outwards, so the test's module and the name say which fixture it gets.
+MARKS_BY_FIXTURE = {
+    ("*", "real_embedder"): {"slow"},  # the real embedding model: converted once per session, then real inference
+    ("*", "model_cache"): {"slow"},  # a subprocess or the CLI loads the real model from it (converting it first)
+    ("*", "browser"): {"browser", "slow"},  # Chromium through Playwright
+    ("*", "page"): {"browser", "slow"},
+    ("test_generation", "local_qa"): {"llm", "slow"},  # the local 0.5B Qwen
+    ("test_generation", "injected"): {"llm", "slow"},  # its indexes are asked through the local 0.5B Qwen
+    ("test_generation", "server"): {"llm", "slow"},  # bench/openai_server.py runs the same GGUF
+}
+# Whole modules: a browser, or 20 chats against a server, or the seed bars with 320 distractor articles.
+MARKS_BY_MODULE = {
+    "test_browser": {"browser", "slow"},
+    "test_load": {"slow"},
+    "test_end_to_end": {"slow"},
+}
+# Single tests, where no fixture shows it.
+MARKS_BY_TEST = {
+    # starts the local LLM inside the server process
+    ("test_browser", "test_generated_answers_stream_token_by_token_then_show_checked_sources"): {"llm"},
+    # builds HNSW and IVF indexes over 20,000 vectors (10 s of the fast tier's budget)
+    ("test_index", "test_approximate_index_recall_at_10_against_exact"): {"slow"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        marks = set(MARKS_BY_MODULE.get(module, ()))
+        marks |= MARKS_BY_TEST.get((module, item.originalname), set())
+        for name in item.fixturenames:  # the fixtures the test asks for and all those they ask for
+            marks |= MARKS_BY_FIXTURE.get(("*", name), set()) | MARKS_BY_FIXTURE.get((module, name), set())
+        for mark in sorted(marks - {m.name for m in item.iter_markers()}):
+            item.add_marker(mark)
+
+
+# ---------------------------------------------------------------- data and embedders
 
 
 class FakeEmbedder:
@@ -65,3 +116,45 @@ def real_embedder(model_cache):
     from rag.embedding import load_embedder
 
     return load_embedder(Config(cache_dir=model_cache))
+
+
+# ---------------------------------------------------------------- the web chat, as staff start it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(root: Path, model_cache: Path, admin_password: str | None = None, timeout: float = 240, **env_extra):
+    """`python app.py` with everything pointed into `root`; returns (process, url) once it serves."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_")}
+    env.update(RAG_CORPUS=str(root / "corpus"), RAG_INDEX=str(root / "index"), RAG_CACHE_DIR=str(model_cache),
+               RAG_HOST="127.0.0.1", RAG_PORT=str(port), RAG_FEEDBACK_DB=str(root / "feedback.sqlite3"),
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", **env_extra)
+    if admin_password:
+        env["RAG_ADMIN_PASSWORD"] = admin_password
+    log = (root / "server.log").open("w", encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=root, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = (root / "server.log").read_text(encoding="utf-8")
+        if "serving http" in text:
+            return proc, f"http://127.0.0.1:{port}/"
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)  # polling the log for the server's own "serving" line, not timing a race
+    stop_server(proc)
+    pytest.fail(f"the server did not start:\n{(root / 'server.log').read_text(encoding='utf-8')[-3000:]}")
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

@@ -15,16 +15,13 @@ from .conftest import QA_COPY, SEED_ID, corpus_in
 def cli_env(tmp_path_factory, model_cache):
     root = tmp_path_factory.mktemp("cli")
     corpus = corpus_in(root)
-    env = {"RAG_CORPUS": str(corpus), "RAG_INDEX": str(root / "index"), "RAG_CACHE_DIR": str(model_cache)}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    assert main(["build", "--quiet"]) == 0
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    # The CLI reads its settings from the environment; a module-scoped MonkeyPatch sets them for this module's
+    # tests and puts the old values back after the last one.
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"RAG_CORPUS": corpus, "RAG_INDEX": root / "index", "RAG_CACHE_DIR": model_cache}.items():
+            mp.setenv(name, str(value))
+        assert main(["build", "--quiet"]) == 0
+        yield root
 
 
 def run(capsys, *argv):

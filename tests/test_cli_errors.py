@@ -168,14 +168,15 @@ def test_common_flags_are_accepted_before_and_after_index_actions(place, tmp_pat
     index = tmp_path / "index"
     shutil.copytree(place / "index", index, symlinks=True)
     first, second = (v["version"] for v in list_versions(index))
-    for argv in (["index", "rollback", "--index", str(index), first],
-                 ["index", "--index", str(index), "rollback", first],
-                 ["index", "rollback", first, "--index", str(index)]):
+    # Each order moves `current` to the other version, so each one is seen to take effect.
+    for target, argv in ((first, ["index", "rollback", "--index", str(index), first]),
+                         (second, ["index", "--index", str(index), "rollback", second]),
+                         (first, ["index", "rollback", first, "--index", str(index)])):
         proc = rag_cmd(place, *argv)
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-        assert f"current index is now {first}" in proc.stdout
-        assert [v["version"] for v in list_versions(index) if v["current"]] == [first]
-        rag_cmd(place, "index", "rollback", second, "--index", str(index))
+        assert f"current index is now {target}" in proc.stdout
+        assert [v["version"] for v in list_versions(index) if v["current"]] == [target]
+    rag_cmd(place, "index", "rollback", second, "--index", str(index))
     proc = rag_cmd(place, "index", "list", "--index", str(index))
     assert proc.returncode == 0
     lines = proc.stdout.splitlines()

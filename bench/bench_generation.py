@@ -28,11 +28,10 @@ from rag.answering import QA
 from rag.config import Config
 from rag.embedding import load_embedder
 from rag.evaluation import answer_correct, read_qa, score
-from rag.generation import (
-    LOCAL_MODELS, CheckedSentence, GenerativeAnswerer, GeneratorConfig, LocalGenerator, OpenAIGenerator,
-    assemble_gguf, split_generated,
-)
+from rag.generation import GenerativeAnswerer, GeneratorConfig
 from rag.index import build, load
+from rag.llm import LOCAL_MODELS, LocalGenerator, OpenAIGenerator, assemble_gguf
+from rag.support import CheckedSentence, SupportChecker, split_generated
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,8 +95,6 @@ def calibrate(qa: QA, items: list[dict], verbose: bool = True) -> dict:
     """
     checker = qa.answerer.checker if isinstance(qa.answerer, GenerativeAnswerer) else None
     if checker is None:
-        from rag.generation import SupportChecker
-
         checker = SupportChecker(qa.answerer.tokenizer, qa.retriever.embedder)
     extractive = getattr(qa.answerer, "extractive", qa.answerer)
     good, bad = [], []

@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from rag.config import Config
-from rag.generation import LOCAL_MODELS, LocalGenerator
+from rag.llm import LOCAL_MODELS, LocalGenerator
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -18,8 +18,9 @@ from typing import Callable, Iterable, Iterator
 
 from .answering import QA, Answer, LiveQA
 from .conversation import checked_examples, next_focus, rewrite
-from .generation import GenerationError, Retry
+from .generation import Retry
 from .index import IndexFault, list_versions
+from .llm import GenerationError
 from .rendering import answer_html, answer_text, message_html, writing_html
 from .retrieval import Filters
 from .serving import Rebuilder, index_status

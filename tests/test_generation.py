@@ -7,19 +7,22 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from rag.answering import QA, Answer, LiveQA
 from rag.config import Config
 from rag.evaluation import answer_correct, read_qa
-from rag.generation import (
-    LOCAL_MODELS, GenerationError, GenerativeAnswerer, GeneratorConfig, GGUFModel, LocalGenerator, OpenAIGenerator,
-    CheckedSentence, Retry, SupportChecker, _save_converted, _sse_pieces, assemble_gguf, build_messages,
-    converted_folder, split_generated, use_generator,
-)
+from rag.generation import GenerativeAnswerer, GeneratorConfig, Retry, build_messages, use_generator
 from rag.index import build, load
+from rag.llm import (
+    LOCAL_MODELS, GenerationError, GGUFModel, LocalGenerator, OpenAIGenerator, _save_converted, assemble_gguf,
+    converted_folder,
+)
+from rag.support import CheckedSentence, SupportChecker, complete_prefix, split_generated
 
 from .conftest import QA_COPY, ROOT, SEED, SEED_ID, corpus_in
 
@@ -37,13 +40,106 @@ def test_split_generated_keeps_markers_with_their_sentence():
     assert split_generated("甲是乙[1,3]") == [("甲是乙", (1, 3))]
 
 
-def test_sse_stream_is_parsed_like_openai_sends_it():
-    lines = [': ping', 'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}', "",
-             'data: {"choices":[{"delta":{"content":"报告"}}]}', 'data: {"choices":[{"delta":{"content":"会"}}]}',
-             "data: [DONE]", 'data: {"choices":[{"delta":{"content":"after done"}}]}']
-    assert "".join(_sse_pieces(lines)) == "报告会"
-    with pytest.raises(GenerationError, match="error"):
-        list(_sse_pieces(['data: {"error": {"message": "model not found"}}']))
+def test_a_sentence_is_complete_once_its_markers_are():
+    assert complete_prefix("在乐之厅举行。[1]由", 0) == 10  # the marker stays with its sentence
+    assert complete_prefix("在乐之厅举行。[1", 0) == 0  # the marker may go on
+    assert complete_prefix("甲。乙。丙", 2) == 4
+
+
+BREAK = object()  # in a scripted reply: drop the connection mid-body
+
+
+class _ScriptedServer(BaseHTTPRequestHandler):
+    """Answers each chat-completions request with the next scripted reply: a status code, or SSE lines
+    (sent in HTTP/1.1 chunks, each flushed), a pause in seconds, or BREAK."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+        reply = self.server.replies.pop(0)
+        if isinstance(reply, int):
+            data = json.dumps({"error": {"message": f"scripted {reply}"}}).encode()
+            self.send_response(reply)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for item in reply:
+                if item is BREAK:
+                    self.close_connection = True
+                    return  # no terminating chunk: the client sees an incomplete body
+                if isinstance(item, float):
+                    time.sleep(item)
+                    continue
+                data = (item + "\n").encode("utf-8")
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (the timeout case)
+            self.close_connection = True
+
+
+@pytest.fixture
+def scripted_server():
+    """(base URL, server): set server.replies before a request; server.requests records what came."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedServer)
+    server.daemon_threads, server.replies, server.requests = True, [], []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", server
+    server.shutdown()
+    server.server_close()
+
+
+def _delta(text: str) -> str:
+    return "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}, ensure_ascii=False) + "\n"
+
+
+def test_openai_stream_is_read_like_openai_sends_it_and_retried_before_it_starts(scripted_server):
+    url, server = scripted_server
+    server.replies = [503, [": ping\n", 'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n',
+                            _delta("报告"), _delta("会"), "data: [DONE]\n", _delta("after done")]]
+    generator = OpenAIGenerator(url, "m", retries=1)
+    assert "".join(generator.stream([{"role": "user", "content": "你好"}], 8)) == "报告会"
+    assert len(server.requests) == 2  # the 503 was retried
+    path, headers, body = server.requests[-1]
+    assert path == "/v1/chat/completions" and "authorization" not in headers  # no key, no header
+    assert (body["model"], body["stream"], body["temperature"], body["max_tokens"]) == ("m", True, 0, 8)
+    server.replies = [[_delta("好")]]
+    assert list(OpenAIGenerator(url, "m", api_key="sk-1").stream([], 8)) == ["好"]
+    assert server.requests[-1][1]["authorization"] == "Bearer sk-1"
+    assert "sk-1" not in repr(OpenAIGenerator(url, "m", api_key="sk-1"))
+
+
+def test_openai_failures_are_one_line_and_never_retried_once_it_has_written(scripted_server):
+    url, server = scripted_server
+    messages = [{"role": "user", "content": "你好"}]
+    cases = [
+        ([_delta("报告"), BREAK], "broke off the answer"),
+        ([_delta("报告"), 2.0, _delta("会")], "broke off the answer: .*Timeout"),  # read timeout between two chunks
+        (['data: {"error": {"message": "model not found"}}\n'], "reported an error: model not found"),
+        (["data: {not json\n"], "not JSON"),
+        (404, "refused the request: 404 .*scripted 404"),
+    ]
+    for reply, message in cases:
+        server.replies, server.requests = [reply, [_delta("不该重试")]], []
+        with pytest.raises(GenerationError, match=message) as caught:
+            list(OpenAIGenerator(url, "m", timeout=0.5, retries=2).stream(messages, 8))
+        assert "\n" not in str(caught.value) and len(server.requests) == 1, (message, server.requests)
+    server.replies, server.requests = [429, 500], []
+    with pytest.raises(GenerationError, match=r"after 2 attempts \(InternalServerError: .*500"):
+        list(OpenAIGenerator(url, "m", retries=1).stream(messages, 8))
 
 
 def test_config_from_env_and_bad_values():
@@ -330,7 +426,7 @@ def test_converted_llm_is_cached_and_computes_what_the_gguf_does(local_qa, seed,
     (never the GGUF, in seconds) and gives the same tokens and logits."""
     import torch
 
-    from rag import generation
+    from rag import llm
 
     spec = LOCAL_MODELS["0.5b"]
     generator = LocalGenerator(spec, seed.cache_dir)
@@ -338,13 +434,13 @@ def test_converted_llm_is_cached_and_computes_what_the_gguf_does(local_qa, seed,
     folder = converted_folder(spec, seed.cache_dir)
     assert reference.name_or_path == str(seed.cache_dir / "llm")
     marker = json.loads((folder / "gguf_source.json").read_text(encoding="utf-8"))
-    assert marker["sha256"] == spec.sha256 and folder.name.endswith(f"-{spec.sha256[:16]}-v{generation.CONVERTED_VERSION}")
+    assert marker["sha256"] == spec.sha256 and folder.name.endswith(f"-{spec.sha256[:16]}-v{llm.CONVERTED_VERSION}")
     assert not [p.name for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
 
     def no_gguf(*args, **kwargs):
         raise AssertionError("the GGUF was read although a converted folder is cached")
 
-    monkeypatch.setattr(generation, "assemble_gguf", no_gguf)
+    monkeypatch.setattr(llm, "assemble_gguf", no_gguf)
     t0 = time.perf_counter()
     cached, tokenizer, _ = generator._load()  # what load() does in a process that has not loaded it yet
     seconds = time.perf_counter() - t0

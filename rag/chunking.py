@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import asdict, dataclass
 
 from .config import Config
 from .corpus import Article, Span
+from .text import PAUSE, SENTENCE_BREAK, nfkc
+
+# rag.index and rag.retrieval import the matching form from here under its old name.
+normalize = nfkc
 
 CHUNKER_VERSION = "speech-segments-v1"
 
-# Sentence ends in Chinese news text; closing quotes/brackets stay with their sentence.
-_SENTENCE_END = re.compile(r"[。！？；!?;]+[”’」』》）)\"']*")
-_CLAUSE_END = re.compile(r"[，,、：:]")
 _REPORT_TITLE = re.compile(r"《([^《》]{2,60})》")
 _VENUE = re.compile(r"在([\u4e00-\u9fff]{2,14}?)(?:隆重|顺利|成功)?(?:举行|召开|举办|开幕|开展)")
 _PRONOUN_START = re.compile(r"^(?:他|她|其)")
@@ -50,18 +50,13 @@ class Chunk:
         return asdict(self)
 
 
-def normalize(text: str) -> str:
-    """NFKC for matching only (never for display): normalize("ＡＢ，１２") -> "AB,12"."""
-    return unicodedata.normalize("NFKC", text)
-
-
 def split_sentences(text: str, start: int = 0) -> list[Span]:
     """Sentence spans (offsets into `text` shifted by `start`), cut after 。！？； and closing quotes.
 
     split_sentences("他来了。她走了！") -> [Span(0, 4), Span(4, 8)]  ("他来了。", "她走了！")
     """
     spans, pos = [], 0
-    for m in _SENTENCE_END.finditer(text):
+    for m in SENTENCE_BREAK.finditer(text):
         spans.append(Span(start + pos, start + m.end()))
         pos = m.end()
     if text[pos:].strip():
@@ -70,10 +65,10 @@ def split_sentences(text: str, start: int = 0) -> list[Span]:
 
 
 def _split_long(text: str, span: Span, limit: int) -> list[Span]:
-    """Cut one over-long sentence at clause marks (，、：), hard-cutting only a clause over the limit."""
+    """Cut one over-long sentence at pause marks (，、：), hard-cutting only a clause over the limit."""
     pieces, pos, base = [], 0, span.start
     body = text[span.start : span.end]
-    cuts = [m.end() for m in _CLAUSE_END.finditer(body)] + [len(body)]
+    cuts = [m.end() for m in PAUSE.finditer(body)] + [len(body)]
     piece_start = 0
     for cut in cuts:
         if cut - piece_start > limit and pos > piece_start:
@@ -210,7 +205,7 @@ def chunk_article(article: Article, config: Config) -> list[Chunk]:
                 doc_id=article.doc_id, title=article.title, date=article.date, kind=kind,
                 speaker=speaker, role=role, report_title=report_title,
                 start=span.start, end=span.end, text=body,
-                search_text=header + extra + normalize(body),
+                search_text=header + extra + nfkc(body),
             )
         )
 
@@ -261,12 +256,12 @@ def article_terms(article: Article, chunks: list[Chunk]) -> list[str]:
     for c in chunks:
         for value in (c.speaker, c.report_title):
             if value:  # a title like "通达学情 融合推进 “五字诀”推进…" gives its phrases
-                terms.update(_PHRASE_SPLIT.split(normalize(value)))
+                terms.update(_PHRASE_SPLIT.split(nfkc(value)))
         if c.role:
-            terms.update(p for p in re.split(r"[、,，\s]", normalize(c.role)) if len(p) >= 2)
+            terms.update(p for p in re.split(r"[、,，\s]", nfkc(c.role)) if len(p) >= 2)
     for p in article.paragraphs[:1]:
-        overview = normalize(article.text[p.start : p.end])
+        overview = nfkc(article.text[p.start : p.end])
         terms.update(find_names(overview))
         terms.update(m.group(1) for m in _VENUE.finditer(overview))
-    terms.update(normalize(name) for _, name in article.credits)
+    terms.update(nfkc(name) for _, name in article.credits)
     return sorted(t for t in terms if 2 <= len(t) <= 40)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable, Sequence
 
-from .chunking import Chunk, normalize
+from .chunking import Chunk
+from .text import DATE_MENTION, nfkc
 
 # A pronoun or a "this leader" phrase standing for one person. Not the 他 of 其他/他们/他人, nor
 # the 其 of 其他/其中/其实/其余/尤其/极其/与其, which refer to nobody.
@@ -27,11 +28,11 @@ def mentioned(text: str, speakers: Iterable[str]) -> list[str]:
 
     mentioned("李俊峰和王任都讲了", ["王任", "李俊峰"]) -> ["李俊峰", "王任"]
     """
-    text = normalize(text)
+    text = nfkc(text)
     found: list[tuple[int, str]] = []
     taken: list[tuple[int, int]] = []
     for name in sorted({s for s in speakers if s}, key=len, reverse=True):
-        for m in re.finditer(re.escape(normalize(name)), text):
+        for m in re.finditer(re.escape(nfkc(name)), text):
             if not any(a < m.end() and m.start() < b for a, b in taken):
                 found.append((m.start(), name))
                 taken.append((m.start(), m.end()))
@@ -104,7 +105,6 @@ def _interleave(*lists: list[str]) -> list[str]:
 
 
 _SPEAKER_ASKED = re.compile(r"(?P<name>.+)讲了什么？")
-_DATE = re.compile(r"\d{4}年|\d{1,2}月\d{1,2}日|\d{4}-\d{1,2}-\d{1,2}")
 
 
 def well_answered(question: str, answer, speakers: Iterable[str]) -> bool:
@@ -121,7 +121,7 @@ def well_answered(question: str, answer, speakers: Iterable[str]) -> bool:
     if question.endswith("是谁作的报告？"):
         return any(c.speaker for c in answer.citations) or bool(mentioned(answer.answer, speakers))
     if question.endswith("是哪天发布的？"):
-        return bool(_DATE.search(answer.answer))
+        return bool(DATE_MENTION.search(answer.answer))
     return True
 
 

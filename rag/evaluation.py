@@ -2,18 +2,12 @@
 from __future__ import annotations
 
 import json
-import re
-import unicodedata
 from pathlib import Path
 
 import numpy as np
 
 from .answering import Answer
-
-
-def _norm(text: str) -> str:
-    """NFKC and no whitespace, as the eval README prescribes: _norm("7 月 4 日") -> "7月4日"."""
-    return re.sub(r"\s+", "", unicodedata.normalize("NFKC", text))
+from .text import compact
 
 
 def read_qa(path: Path) -> list[dict]:
@@ -31,19 +25,19 @@ def answer_correct(item: dict, answer: Answer, max_chars: int = 150) -> bool:
     """An answerable item is right when found, short, and containing the gold strings."""
     if not item.get("answerable", True):
         return not answer.found
-    text = _norm(answer.answer)
+    text = compact(answer.answer)
     if not answer.found or len(answer.answer) > max_chars:
         return False
-    any_ok = not item.get("answers_any") or any(_norm(a) in text for a in item["answers_any"])
-    all_ok = all(_norm(a) in text for a in item.get("answers_all", []))
+    any_ok = not item.get("answers_any") or any(compact(a) in text for a in item["answers_any"])
+    all_ok = all(compact(a) in text for a in item.get("answers_all", []))
     return any_ok and all_ok
 
 
 def evidence_rank(item: dict, answer: Answer) -> int | None:
     """1-based rank of the first passage that contains an evidence string, or None."""
-    evidence = [_norm(e) for e in item.get("evidence", [])]
+    evidence = [compact(e) for e in item.get("evidence", [])]
     for rank, hit in enumerate(answer.passages, start=1):
-        text = _norm(hit.chunk.text)
+        text = compact(hit.chunk.text)
         if any(e in text for e in evidence):
             return rank
     return None

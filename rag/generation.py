@@ -9,7 +9,6 @@ that does.
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +22,9 @@ from .config import Config
 from .llm import LLM, LOCAL_MODELS, GenerationError, LocalGenerator, OpenAIGenerator, converted_folder  # noqa: F401
 from .retrieval import Hit
 from .support import (  # noqa: F401  (CheckedSentence is part of the answer stream)
-    CLAUSE_ENDS, SENTENCE_END, CheckedSentence, SupportChecker, complete_prefix, passage_fields, split_generated,
+    CheckedSentence, SupportChecker, complete_prefix, passage_fields, split_generated,
 )
+from .text import CLAUSE, PAUSE, SENTENCE_ENDS
 
 GENERATORS = ("extractive", "local", "openai")
 
@@ -140,9 +140,6 @@ def build_messages(question: str, passages: Sequence[Hit]) -> list[dict]:
             + [{"role": "user", "content": user}])
 
 
-_CLAUSE = re.compile(f"[^{CLAUSE_ENDS}]+[{CLAUSE_ENDS}”’」》）)]*")
-
-
 def focus_clause(text: str, question: str, tokenizer) -> tuple[int, int] | None:
     """(start, end) in `text` of its clause (cut at commas, semicolons, colons and sentence ends, not at 、)
     that shares the most with the question, by general-Chinese idf; None when no clause shares a word.
@@ -152,7 +149,7 @@ def focus_clause(text: str, question: str, tokenizer) -> tuple[int, int] | None:
     idf = general_idf()
     asked = set(tokenizer.tokenize(question))
     best, best_score = None, 0.0
-    for m in _CLAUSE.finditer(text):
+    for m in CLAUSE.finditer(text):
         shared = asked & set(tokenizer.tokenize(m.group(), search=True))
         score = sum(idf.get(t, idf["<median>"]) for t in shared)
         if score > best_score:
@@ -293,7 +290,7 @@ class GenerativeAnswerer:
                     known.append(c)
                 numbers.append(known.index(c) + 1)
             marks = "".join(f"[{n}]" for n in dict.fromkeys(numbers))
-            body = s.text.rstrip(SENTENCE_END)
+            body = s.text.rstrip(SENTENCE_ENDS)
             end = s.text[len(body) :] or "。"
             sentence = _fit(body, self.config.max_answer_chars - len(out) - len(marks) - len(end))
             if not sentence:
@@ -311,7 +308,7 @@ def _fit(body: str, room: int) -> str:
     """`body` if it fits in `room` characters, else its longest clause prefix that does ("" if none)."""
     if len(body) <= room:
         return body
-    cuts = [m.start() for m in re.finditer(r"[，,、：:]", body[: room + 1]) if m.start() > 0]
+    cuts = [m.start() for m in PAUSE.finditer(body[: room + 1]) if m.start() > 0]
     return body[: cuts[-1]] if cuts else ""
 
 

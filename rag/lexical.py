@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import unicodedata
 from pathlib import Path
 
 import numpy as np
+
+from .text import fold
 
 # Function words and question words carry no evidence; dropping them keeps BM25 and the
 # answerer's overlap scores about content ("谁拍的照片" -> ["拍", "照片"]).
@@ -46,14 +47,10 @@ class ChineseTokenizer:
         self._jieba.total = total
 
     @staticmethod
-    def normalize(text: str) -> str:
-        return unicodedata.normalize("NFKC", text).lower()
-
-    @staticmethod
     def may_change(text: str, terms) -> bool:
         """Whether adding or removing `terms` from the lexicon can change the tokens of `text`:
         jieba's word graph over a text only gains or loses a word where the text contains it."""
-        norm = ChineseTokenizer.normalize(text)
+        norm = fold(text)
         return any(t in norm for t in terms)
 
     def tokenize(self, text: str, search: bool = False) -> list[str]:
@@ -62,7 +59,7 @@ class ChineseTokenizer:
         With search=True, "主持会议" gives ["主持", "会议", "主持会议"], so "谁主持" finds it; the answerer
         uses search=False, where "副校长" stays one word and does not answer a question about "校长".
         """
-        text = self.normalize(text)
+        text = fold(text)
         words = self._jieba.cut_for_search(text) if search else self._jieba.cut(text)
         return [t for t in (w.strip() for w in words) if t and t not in STOPWORDS and _WORD.search(t)]
 

@@ -11,6 +11,7 @@ import re
 
 from .config import Config
 from .errors import RagError
+from .text import CLAUSE_BREAK
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]{2,}")
@@ -77,7 +78,6 @@ def asked_kinds(question: str) -> frozenset[str]:
 
 # The Chinese question words (grammar): 谁 什么 多少 几 哪 何 怎么 怎样 如何.
 _WH = re.compile(r"谁|什么|多少|几|哪|何|怎么|怎样|如何")
-_CLAUSE_END = re.compile(r"[，,；;：:。？?！!]")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -90,7 +90,7 @@ def focus_words(question: str) -> tuple[str, ...]:
     """
     import jieba
 
-    clause = next((c for c in _CLAUSE_END.split(question) if _WH.search(c)), "")
+    clause = next((c for c in CLAUSE_BREAK.split(question) if _WH.search(c)), "")
     words = jieba.lcut(clause)
     at = next((i for i, w in enumerate(words) if _WH.search(w)), None)
     if at is None:

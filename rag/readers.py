@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import PurePosixPath
 
 from .decoding import CorpusError, decode_bytes, decode_html, normalize_newlines
+from .text import CN_DATE, FULL_STOP, ISO_DATE
 
 
 @dataclass(frozen=True)
@@ -75,15 +76,10 @@ _IMAGE_LINE = re.compile(r"\S+\.(?:jpg|jpeg|png|gif|webp|bmp)", re.IGNORECASE)
 _MD_IMAGE_LINE = re.compile(r"!\[[^\]]*\]\([^)]*\)")
 _MD_RULE = re.compile(r"(?:-[ \t]*){3,}|(?:\*[ \t]*){3,}|(?:_[ \t]*){3,}")
 _MD_HEADING = re.compile(r"(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*")
-_CN_DATE = re.compile(
-    r"(\d{4})\s*年\s*(\d{1,2})\s*月\s*(\d{1,2})\s*日(?:\s*(\d{1,2})\s*[时時点點:：]\s*(\d{1,2})\s*分?)?"
-)
-_ISO_DATE = re.compile(r"(?<!\d)(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})(?!\d)(?:(?:\s+|T)(\d{1,2}):(\d{2})(?::\d{2})?)?")
 _READS = re.compile(r"(?:阅读|閱讀|浏览|瀏覽|点击|點擊)(?:次数|次數|量|数|數)?\s*[:：]?\s*(\d[\d,]*)")
 _META_LABEL = re.compile(
     r"(?:(?:发布|發布|發佈|发表|發表|更新)(?:时间|時間|日期)|来源|來源|作者|日期|时间|時間)\s*[:：]"
 )
-_SENTENCE_END = re.compile(r"[。！？!?]")
 
 _ROLES = {
     "摄影": "photographer", "攝影": "photographer", "图片": "photographer", "圖片": "photographer",
@@ -127,7 +123,7 @@ def _parse_date(value: str) -> str | None:
     >>> _parse_date("发布时间：2023/7/4")
     '2023-07-04'
     """
-    for pattern in (_CN_DATE, _ISO_DATE):
+    for pattern in (CN_DATE, ISO_DATE):
         for m in pattern.finditer(value):
             y, mo, d, h, mi = m.groups()
             try:
@@ -157,9 +153,9 @@ def _is_meta_line(line: str) -> bool:
     (True, False)
     """
     # A dateline is short and not a sentence; a body paragraph opening with a date ends in "。".
-    if len(line) > 120 or _SENTENCE_END.search(line):
+    if len(line) > 120 or FULL_STOP.search(line):
         return False
-    return bool(_CN_DATE.search(line) or _ISO_DATE.search(line) or _READS.search(line) or _META_LABEL.search(line))
+    return bool(CN_DATE.search(line) or ISO_DATE.search(line) or _READS.search(line) or _META_LABEL.search(line))
 
 
 def _parse_credits(line: str) -> tuple[tuple[str, str], ...] | None:

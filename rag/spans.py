@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .chunking import Chunk, normalize
+from .chunking import Chunk
 from .questions import KINDS, asked_kinds, focus_words, is_english, simplified
+from .text import nfkc
 
 MODEL_PATH = Path(__file__).parent / "models" / "answerer.json"
 MODEL_FORMAT = 1
@@ -147,7 +148,7 @@ class Featurizer:
         return got / total
 
     def rows(self, question: str, hits, candidates: list[Candidate], span_cos: np.ndarray) -> np.ndarray:
-        q = simplified(normalize(question)).lower()
+        q = simplified(nfkc(question)).lower()
         english = float(is_english(question))
         asked = asked_kinds(q)
         weights = self._weights(q)
@@ -171,7 +172,7 @@ class Featurizer:
         out = np.zeros((len(candidates), len(FEATURES)), dtype=np.float64)
         for n, c in enumerate(candidates):
             hit = hits[c.hit_rank]
-            span = simplified(normalize(c.text)).lower()
+            span = simplified(nfkc(c.text)).lower()
             if c.hit_rank not in contexts:
                 contexts[c.hit_rank] = simplified(hit.chunk.search_text).lower()
             ctx = contexts[c.hit_rank]

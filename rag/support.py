@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from .answering import ROLE_WORDS, Citation
-from .chunking import Chunk, find_names, normalize, split_sentences
+from .chunking import Chunk, find_names, split_sentences
 from .retrieval import Hit
+from .text import CLAUSE_BREAK, SENTENCE_ENDS, fold, nfkc
 
-CLAUSE_ENDS = "，,；;：:。！？!?"  # where a clause ends; not at 、, which joins the items of a list
-_CLAUSE_CUT = re.compile(f"[{CLAUSE_ENDS}]")
 # [1], [1,2], [1][2], 【1】, ［1］ and the like, as small models write them.
 _MARKER = re.compile(r"[\[【［]\s*(?:资料|段落)?\s*(\d{1,2}(?:\s*[,，、]\s*\d{1,2})*)\s*[\]】］]")
 _LEADING_MARKERS = re.compile(r"^\s*(?:" + _MARKER.pattern + r"\s*)+")
@@ -32,7 +31,6 @@ INSTRUCTION_LIKE = re.compile(
     r"|disregard\s+.{0,40}instructions|you\s+are\s+now\b|new\s+instructions",
     re.IGNORECASE,
 )
-SENTENCE_END = "。！？!?；;"
 # Tokens that are (part of) a role: they stand beside names and say nothing about what a person did.
 _ROLE_TOKEN = re.compile(f"{ROLE_WORDS.pattern}|委员|常委")
 
@@ -65,7 +63,7 @@ def split_generated(text: str) -> list[tuple[str, tuple[int, ...]]]:
             piece = piece[lead.end() :]
         cited = _numbers(piece)
         clean = _MARKER.sub("", piece).strip()
-        if clean.strip(SENTENCE_END + "，,、 "):
+        if clean.strip(SENTENCE_ENDS + "，,、 "):
             out.append((clean, cited))
         elif cited and out:
             out[-1][1].extend(cited)
@@ -90,7 +88,7 @@ def passage_fields(chunk: Chunk) -> tuple[str, str]:
     if chunk.report_title:
         parts.append(f"报告题目：《{chunk.report_title}》")
     if chunk.kind in ("meta", "credits"):
-        header = chunk.search_text[: max(0, len(chunk.search_text) - len(normalize(chunk.text)))]
+        header = chunk.search_text[: max(0, len(chunk.search_text) - len(nfkc(chunk.text)))]
         parts += [line.strip() for line in header.splitlines() if line.strip() and not line.startswith("文章：")]
     return "；".join(parts), chunk.text
 
@@ -103,7 +101,7 @@ def complete_prefix(text: str, done: int) -> int:
     complete_prefix("在乐之厅举行。[1", 0) -> 0 (the marker may go on).
     """
     cut = done
-    for m in re.finditer(r"[。！？!?；;]+", text):
+    for m in re.finditer(f"[{SENTENCE_ENDS}]+", text):
         if m.end() <= done:
             continue
         rest = text[m.end() :]
@@ -143,8 +141,8 @@ class SupportChecker:
 
     def lexical(self, sentence: str, question: str, passage: str) -> float:
         """lexical("报告会在慎行楼乐之厅举行。", "报告会在哪里举行？", "7月4日,学校在慎行楼乐之厅举行…") -> 1.0"""
-        passage = normalize(passage).lower()
-        claim = normalize(sentence).lower()
+        passage = fold(passage)
+        claim = fold(sentence)
         # Numbers, titles and quoted words are facts a passage states exactly, or not at all; a number is a
         # whole number there ("0" is not in "2023", "214" is not in "2214").
         numbers = set(_DIGITS.findall(passage))
@@ -173,22 +171,22 @@ class SupportChecker:
         and takes its words from the clause that follows. The chunk's own `speaker` is bound to what the chunk
         has them say (`said`), not to the header that names them.
         """
-        asked = normalize(question).lower()
-        own = normalize(speaker or "").lower()
+        asked = fold(question)
+        own = fold(speaker or "")
         names = [n for n in _names(sentence) if n not in asked]
         if not names:
             return True
         claim = [t for t in self.tokenizer.tokenize(sentence) if t not in names and not _ROLE_TOKEN.search(t)]
         if not claim:
             return True
-        clauses = [c for c in _CLAUSE_CUT.split(normalize(passage).lower()) if c.strip()]
+        clauses = [c for c in CLAUSE_BREAK.split(fold(passage)) if c.strip()]
 
         def listed(clause: str) -> bool:  # "校党委副书记李俊峰": a role and a name, the name last
             body = clause.strip().rstrip("、 ")
             return any(body.endswith(n) for n in _names(clause))
 
         for name in names:
-            windows = [normalize(said).lower()] if own and name == own else []
+            windows = [fold(said)] if own and name == own else []
             for i, clause in enumerate(clauses):
                 if name in clause:
                     j = i
@@ -286,7 +284,7 @@ class SupportChecker:
 
 @functools.lru_cache(maxsize=1024)
 def _names(sentence: str) -> frozenset[str]:
-    return frozenset(n.lower() for n in find_names(normalize(sentence)))
+    return frozenset(n.lower() for n in find_names(nfkc(sentence)))
 
 
 def _same_paragraph(doc: Mapping, a: int, b: int) -> bool:

@@ -15,8 +15,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import unicodedata
-import re
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +26,15 @@ from rag.answering import ExtractiveAnswerer
 from rag.config import Config
 from rag.evaluation import answer_correct, evidence_rank, read_qa
 from rag.spans import FEATURES, GATE_FEATURES, Linear, SpanModel, gate_row, logistic_loss, softmax_loss
+from rag.text import compact
 
 SEED = ROOT.parent / "shared" / "corpus"
 
 
 def _norm(text: str) -> str:
-    return re.sub(r"\s+", "", unicodedata.normalize("NFKC", text)).lower()
+    # rag.evaluation's form (compact: NFKC, no whitespace), lower-cased too: a span is labelled right whatever
+    # the case of its Latin letters, where the eval compares case as written. Kept as the answerer was fitted.
+    return compact(text).lower()
 
 
 def label(item: dict, cand) -> bool:

@@ -428,11 +428,17 @@ def test_converted_llm_is_cached_and_computes_what_the_gguf_does(local_qa, seed,
 
     from rag import llm
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     spec = LOCAL_MODELS["0.5b"]
     generator = LocalGenerator(spec, seed.cache_dir)
-    reference, ref_tokenizer, _ = generator.load()  # the session's first load: converted from the GGUF
+    generator.load()  # converts the GGUF into the cache, unless an earlier test of the session (the browser's) did
     folder = converted_folder(spec, seed.cache_dir)
-    assert reference.name_or_path == str(seed.cache_dir / "llm")
+    # The reference is what the GGUF itself computes, read as rag.llm reads it before converting, so this test
+    # does not depend on which test loaded the model first.
+    gguf = llm.assemble_gguf(spec, seed.cache_dir)
+    ref_tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     marker = json.loads((folder / "gguf_source.json").read_text(encoding="utf-8"))
     assert marker["sha256"] == spec.sha256 and folder.name.endswith(f"-{spec.sha256[:16]}-v{llm.CONVERTED_VERSION}")
     assert not [p.name for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind

@@ -1,5 +1,8 @@
 """The `rag` command: build | ask | eval | doc | serve | feedback | index; flags beat RAG_* env vars beat defaults.
 
+The edge of the library: main() hands the parsed flags and os.environ to rag.settings.resolve (the table of
+every flag, variable and default is there), and each command gets the typed Settings it returns.
+
 Every error is one line on stderr ("rag: ..."), never a traceback, and `--json` always prints JSON (with an
 `error` field when something went wrong). Exit status: 0 done, 1 failed (missing index, unreadable file,
 port taken, ...), 2 bad usage (unknown flag, missing or malformed argument), 3 a question was refused (empty,
@@ -16,11 +19,10 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Mapping
 
-from .config import Config
 from .errors import RagError
-
-ENV = {"corpus_dir": "RAG_CORPUS", "index_dir": "RAG_INDEX", "model": "RAG_MODEL", "cache_dir": "RAG_CACHE_DIR"}
+from .settings import Settings, SettingsError, resolve
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REFUSED = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE, as a shell reports them
@@ -55,16 +57,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def config_from(args: argparse.Namespace) -> Config:
-    values = {}
-    for name, var in ENV.items():
-        flag = getattr(args, name, None)
-        value = flag if flag is not None else os.environ.get(var)
-        if value is not None:
-            values[name] = value if name == "model" else Path(value)
-    return Config().replace(**values)
-
-
 def _check_folder(path: Path, what: str, flag: str, must_exist: bool) -> None:
     """Fail before any model loads when a folder flag points at a file (or at nothing, for `must_exist`)."""
     if path.exists() and not path.is_dir():
@@ -73,10 +65,11 @@ def _check_folder(path: Path, what: str, flag: str, must_exist: bool) -> None:
         raise CLIError(f"{what} {path} does not exist: create it or point {flag} at the folder that has them")
 
 
-def cmd_build(args, config: Config) -> None:
+def cmd_build(args, settings: Settings) -> None:
     from .embedding import load_embedder
     from .index import build
 
+    config = settings.config
     _check_folder(Path(config.index_dir), "index folder", "--index (env RAG_INDEX)", must_exist=False)
     _check_folder(Path(config.corpus_dir), "corpus folder", "--corpus (env RAG_CORPUS)", must_exist=True)
     say = (lambda msg: None) if (args.quiet or args.json) else (lambda msg: print(msg, file=sys.stderr))
@@ -117,27 +110,13 @@ def _print_answer(answer, as_json: bool) -> None:
             print(f"  - {h.chunk.title} · {h.chunk.speaker or h.chunk.kind}: {h.chunk.text[:60]}…")
 
 
-def _generator_config(args):
-    """The GeneratorConfig --generator (env RAG_GENERATOR, RAG_LLM, RAG_OPENAI_*) asks for; None for "extractive"."""
-    kind = getattr(args, "generator", None) or os.environ.get("RAG_GENERATOR") or "extractive"
-    if kind == "extractive":
-        return None
-    from .generation import GeneratorConfig
-
-    try:
-        return GeneratorConfig.from_env(os.environ, kind=kind)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def _with_generator(args, qa):
+def _with_generator(settings: Settings, qa):
     """`qa` answering with the generator the flags and env name; "extractive", the default, needs no LLM."""
-    gen = _generator_config(args)
-    if gen is None:
+    if settings.generator is None:
         return qa
     from .generation import use_generator
 
-    return use_generator(qa, gen)
+    return use_generator(qa, settings.generator)
 
 
 def _read_questions(path: Path, flag: str) -> list[dict]:
@@ -165,7 +144,7 @@ def _warn(message: str) -> None:
     print(f"rag: warning: {_one_line(message)}", file=sys.stderr, flush=True)
 
 
-def cmd_ask(args, config: Config) -> None:
+def cmd_ask(args, settings: Settings) -> None:
     from .answering import QA
     from .questions import QuestionError, check_question
 
@@ -178,14 +157,14 @@ def cmd_ask(args, config: Config) -> None:
     else:
         questions = [args.question]
         try:  # a refused question needs neither the index nor the model
-            check_question(args.question, config)
+            check_question(args.question, settings.config)
         except QuestionError as e:
             if args.json:
                 from .answering import Answer
 
                 _print_answer(Answer(args.question, str(e), False, error=str(e)), as_json=True)
             raise CLIError(f"question refused: {e}", EXIT_REFUSED, printed=args.json) from None
-    qa = _with_generator(args, QA.open(config, say=_warn))
+    qa = _with_generator(settings, QA.open(settings.config, say=_warn))
     refused = []
     for question in questions:
         answer = qa.ask(question)
@@ -197,14 +176,14 @@ def cmd_ask(args, config: Config) -> None:
         raise CLIError(f"{which} refused: {refused[0]}", EXIT_REFUSED, printed=args.json)
 
 
-def cmd_eval(args, config: Config) -> None:
+def cmd_eval(args, settings: Settings) -> None:
     from .answering import QA
     from .evaluation import score
 
     items = _read_questions(Path(args.qa), "--qa")
-    qa = _with_generator(args, QA.open(config, say=_warn))
+    qa = _with_generator(settings, QA.open(settings.config, say=_warn))
     answers = [qa.ask(item["question"]) for item in items]
-    result = score(items, answers, config.max_answer_chars)
+    result = score(items, answers, settings.config.max_answer_chars)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return
@@ -216,9 +195,10 @@ def cmd_eval(args, config: Config) -> None:
         print(f"  wrong {f['id']}: {f['question']} -> {f['answer'][:80]} (found={f['found']})")
 
 
-def cmd_doc(args, config: Config) -> None:
+def cmd_doc(args, settings: Settings) -> None:
     from .index import open_serving
 
+    config = settings.config
     index, problems = open_serving(config.index_dir)  # the version `ask` would answer from
     for problem in problems:
         _warn(problem)
@@ -230,12 +210,6 @@ def cmd_doc(args, config: Config) -> None:
         print(json.dumps(doc, ensure_ascii=False, indent=2))
     else:
         print(f"{doc['title']}\n{doc.get('date') or ''}  {doc['path']}\n\n{doc['text']}")
-
-
-def _feedback_path(args) -> Path:
-    from .feedback import default_path
-
-    return Path(args.feedback_db or os.environ.get("RAG_FEEDBACK_DB") or default_path())
 
 
 def _check_port(host: str, port: int) -> None:
@@ -261,34 +235,26 @@ def _port_problem(host: str, port: int, why: str) -> str:
             "choose another port with --port (env RAG_PORT)")
 
 
-def cmd_serve(args, config: Config) -> None:
-    host = args.host or os.environ.get("RAG_HOST") or "127.0.0.1"
-    port = args.port or os.environ.get("RAG_PORT") or "7860"
-    if not str(port).isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"port must be a number from 1 to 65535, not {port!r} (--port, env RAG_PORT)")
-    if args.concurrency < 1:
-        raise UsageError("--concurrency must be at least 1")
+def cmd_serve(args, settings: Settings) -> None:
+    config, server = settings.config, settings.server
     _check_folder(Path(config.index_dir), "index folder", "--index (env RAG_INDEX)", must_exist=False)
-    _check_port(host, int(port))
-    generator = _generator_config(args)
+    _check_port(server.host, server.port)
     from .web import serve  # imports gradio only when it serves
 
     try:
-        # The password only ever comes from the environment: a flag would show in `ps`.
-        serve(config, host=host, port=int(port), feedback_db=_feedback_path(args),
-              admin_password=os.environ.get("RAG_ADMIN_PASSWORD") or None, concurrency=args.concurrency,
-              generator=generator)
+        serve(config, host=server.host, port=server.port, feedback_db=settings.feedback_db,
+              admin_password=server.admin_password, concurrency=server.concurrency, generator=settings.generator)
     except OSError as e:
         # Gradio says "Cannot find empty port ... set GRADIO_SERVER_PORT": our flag is --port.
         if "empty port" in str(e) or e.errno in (98, 48):  # EADDRINUSE on Linux, macOS
-            raise CLIError(_port_problem(host, int(port), "address already in use")) from None
+            raise CLIError(_port_problem(server.host, server.port, "address already in use")) from None
         raise
 
 
-def cmd_feedback(args, config: Config) -> None:
+def cmd_feedback(args, settings: Settings) -> None:
     from .feedback import FeedbackStore
 
-    path = _feedback_path(args)
+    path = settings.feedback_db
     if not path.exists():
         raise CLIError(f"no feedback database at {path}; the web chat creates it (set RAG_FEEDBACK_DB or --db)")
     if path.is_dir():
@@ -309,10 +275,10 @@ def cmd_feedback(args, config: Config) -> None:
         print(f"{path}: {len(rows)} ratings ({counts['up']} 👍, {counts['down']} 👎, {counts['none']} withdrawn)")
 
 
-def cmd_index(args, config: Config) -> None:
+def cmd_index(args, settings: Settings) -> None:
     from .index import list_versions, rollback
 
-    index_dir = Path(config.index_dir)
+    index_dir = Path(settings.config.index_dir)
     if index_dir.exists() and not index_dir.is_dir():
         raise CLIError(f"{index_dir} is a file, not an index folder: point --index (env RAG_INDEX) at the index")
     if args.action == "rollback":
@@ -408,7 +374,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", help="port (env RAG_PORT, default 7860)")
     s.add_argument("--feedback-db", dest="feedback_db",
                    help="SQLite file for 👍/👎 (env RAG_FEEDBACK_DB, default ~/.local/share/rag-news/feedback.sqlite3)")
-    s.add_argument("--concurrency", type=int, default=6, help="questions answered at once (default 6)")
+    s.add_argument("--concurrency", type=int, help="questions answered at once (default 6)")
     generator_flag(s)
     s.set_defaults(func=cmd_serve)
 
@@ -451,10 +417,11 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split()) or "(no message)"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run one command; `environ` (default os.environ) is the only environment anything under rag/ sees."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    environ = os.environ if environ is None else environ
     as_json = "--json" in argv
-    debug = "--debug" in argv or os.environ.get("RAG_DEBUG", "") not in ("", "0")
 
     def fail(message: str, code: int, printed: bool = False) -> int:
         if as_json and not printed:
@@ -468,7 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e), e.code)
     _quiet_jieba()
     try:
-        args.func(args, config_from(args))
+        settings = resolve({**vars(args), "debug": "--debug" in argv}, environ)  # --debug anywhere on the line
+    except SettingsError as e:
+        return fail(str(e), EXIT_USAGE)
+    try:
+        args.func(args, settings)
     except CLIError as e:
         return fail(str(e), e.code, e.printed)
     except KeyboardInterrupt:
@@ -487,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError) and e.strerror:  # a file or folder the command could not use
             where = f": {e.filename}" if e.filename else ""
             return fail(f"{e.strerror}{where}", EXIT_FAILED)
-        if debug:
+        if settings.debug:
             raise
         return fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug or RAG_DEBUG=1 for the traceback)",
                     EXIT_FAILED)

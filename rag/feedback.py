@@ -29,10 +29,13 @@ CREATE TABLE IF NOT EXISTS feedback (
 """
 
 
-def default_path() -> Path:
-    """Outside the repository and the index folder, so neither a clean checkout nor a rebuild loses it."""
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "rag-news" / "feedback.sqlite3"
+def default_path(data_home: str | Path | None = None) -> Path:
+    """Outside the repository and the index folder, so neither a clean checkout nor a rebuild loses it.
+
+    `data_home`: $XDG_DATA_HOME, passed in by rag.settings (default ~/.local/share).
+    default_path("/data") -> Path("/data/rag-news/feedback.sqlite3")
+    """
+    return Path(data_home or Path.home() / ".local" / "share") / "rag-news" / "feedback.sqlite3"
 
 
 _COLUMNS = {"id", "created_at", "rating", "question", "understood", "answer", "found", "citations", "index_version"}

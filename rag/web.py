@@ -295,7 +295,8 @@ def _page_class():
             app_kwargs["middleware"] = [*app_kwargs.get("middleware", ()), Middleware(_ChineseUI, limit=limit),
                                         Middleware(_BoundedUploads, quota=quota)]
             # Gradio looks up its upload folder in GRADIO_TEMP_DIR wherever it needs it (the upload route,
-            # the check that a file was uploaded), so the folder is named there, for this process.
+            # the check that a file was uploaded), so the folder is named there, for this process. It configures
+            # Gradio, not us: the one variable written under rag/ (rag.settings reads ours).
             os.environ["GRADIO_TEMP_DIR"] = str(fresh_upload_dir(self.upload_dir))
             return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
 

@@ -15,30 +15,28 @@ from .conftest import QA_COPY, SEED_ID, corpus_in
 def cli_env(tmp_path_factory, model_cache):
     root = tmp_path_factory.mktemp("cli")
     corpus = corpus_in(root)
-    # The CLI reads its settings from the environment; a module-scoped MonkeyPatch sets them for this module's
-    # tests and puts the old values back after the last one.
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {"RAG_CORPUS": corpus, "RAG_INDEX": root / "index", "RAG_CACHE_DIR": model_cache}.items():
-            mp.setenv(name, str(value))
-        assert main(["build", "--quiet"]) == 0
-        yield root
+    # main() takes the environment it resolves settings from, so these tests neither read nor change os.environ
+    # (a RAG_GENERATOR in the shell that runs them does not reach them).
+    env = {"RAG_CORPUS": str(corpus), "RAG_INDEX": str(root / "index"), "RAG_CACHE_DIR": str(model_cache)}
+    assert main(["build", "--quiet"], env) == 0
+    return env
 
 
-def run(capsys, *argv):
-    code = main(list(argv))
+def run(capsys, env, *argv):
+    code = main(list(argv), env)
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def test_ask_json_has_answer_citations_passages_and_timings(cli_env, capsys):
-    code, out, _ = run(capsys, "ask", "--json", "张根华作的报告叫什么名字？")
+    code, out, _ = run(capsys, cli_env, "ask", "--json", "张根华作的报告叫什么名字？")
     assert code == 0
     result = json.loads(out)
     assert result["found"] and "识变与求变" in result["answer"] and len(result["answer"]) <= 150
     assert {"retrieve", "answer"} <= set(result["timings_ms"])
     assert len(result["passages"]) >= 5
     assert {"doc_id", "text", "score", "speaker", "start", "end"} <= set(result["passages"][0])
-    _, doc_out, _ = run(capsys, "doc", SEED_ID, "--json")
+    _, doc_out, _ = run(capsys, cli_env, "doc", SEED_ID, "--json")
     doc = json.loads(doc_out)
     for c in result["citations"]:
         assert doc["text"][c["start"] : c["end"]] == c["text"]
@@ -47,7 +45,7 @@ def test_ask_json_has_answer_citations_passages_and_timings(cli_env, capsys):
 
 
 def test_batch_prints_one_object_per_line_in_order(cli_env, capsys):
-    code, out, _ = run(capsys, "ask", "--json", "--batch", str(QA_COPY))
+    code, out, _ = run(capsys, cli_env, "ask", "--json", "--batch", str(QA_COPY))
     assert code == 0
     lines = [json.loads(line) for line in out.splitlines()]
     questions = [json.loads(line)["question"] for line in QA_COPY.read_text(encoding="utf-8").splitlines()]
@@ -59,7 +57,7 @@ def test_batch_prints_one_object_per_line_in_order(cli_env, capsys):
     [("", "请输入"), ("   ", "请输入"), ("问" * 10_000, "太长"), ("🙂🙂", "提问")],
 )
 def test_bad_questions_get_a_clear_message(cli_env, capsys, question, fragment):
-    code, out, err = run(capsys, "ask", "--json", question)
+    code, out, err = run(capsys, cli_env, "ask", "--json", question)
     assert code == EXIT_REFUSED and "Traceback" not in err
     assert err.startswith("rag: question refused: ") and len(err.splitlines()) == 1 and fragment in err
     result = json.loads(out)
@@ -69,25 +67,25 @@ def test_bad_questions_get_a_clear_message(cli_env, capsys, question, fragment):
 def test_a_refused_question_in_a_batch_is_answered_in_its_place_and_exits_3(cli_env, capsys, tmp_path):
     batch = tmp_path / "batch.jsonl"
     batch.write_text('{"question": "报告会在哪里举行？"}\n{"question": ""}\n', encoding="utf-8")
-    code, out, err = run(capsys, "ask", "--json", "--batch", str(batch))
+    code, out, err = run(capsys, cli_env, "ask", "--json", "--batch", str(batch))
     first, second = (json.loads(line) for line in out.splitlines())
     assert code == EXIT_REFUSED and first["found"] and second["error"]
     assert err.startswith("rag: 1 of 2 questions refused: 请输入") and len(err.splitlines()) == 1
 
 
 def test_emoji_around_a_chinese_question_is_answered(cli_env, capsys):
-    _, out, _ = run(capsys, "ask", "--json", "🙂报告会在哪里举行？👍")
+    _, out, _ = run(capsys, cli_env, "ask", "--json", "🙂报告会在哪里举行？👍")
     result = json.loads(out)
     assert result["found"] and "慎行楼乐之厅" in result["answer"]
 
 
 def test_unanswerable_question_declines_and_shows_passages(cli_env, capsys):
-    _, out, _ = run(capsys, "ask", "学校今年的科研经费是多少？")
+    _, out, _ = run(capsys, cli_env, "ask", "学校今年的科研经费是多少？")
     assert "文章中没有提到" in out and "最接近的段落" in out
 
 
 def test_eval_prints_the_metrics(cli_env, capsys):
-    code, out, _ = run(capsys, "eval", "--qa", str(QA_COPY), "--json")
+    code, out, _ = run(capsys, cli_env, "eval", "--qa", str(QA_COPY), "--json")
     result = json.loads(out)
     assert code == 0 and result["hit@5"] == 1.0 and result["answer_accuracy"] >= 0.85  # 0.889 measured
     assert result["retrieve_ms_p50"] > 0 and result["false_refusals"] <= 1

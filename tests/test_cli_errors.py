@@ -251,19 +251,18 @@ def test_a_garbage_feedback_db_turns_ratings_off_in_the_chat(place):
 
 
 def test_an_unexpected_error_is_one_line_with_a_hint_and_debug_shows_the_traceback(monkeypatch, capsys):
-    def broken(args, config):
+    def broken(args, settings):
         raise KeyError("surprise")
 
     monkeypatch.setattr(rag.cli, "cmd_doc", broken)
-    monkeypatch.delenv("RAG_DEBUG", raising=False)
-    assert main(["doc", "x"]) == EXIT_FAILED
+    assert main(["doc", "x"], {}) == EXIT_FAILED
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "KeyError" in err and "--debug" in err and "RAG_DEBUG=1" in err
+    assert main(["doc", "x"], {"RAG_DEBUG": "0"}) == EXIT_FAILED  # "0" is off
     with pytest.raises(KeyError):
-        main(["doc", "x", "--debug"])
-    monkeypatch.setenv("RAG_DEBUG", "1")
+        main(["doc", "x", "--debug"], {})
     with pytest.raises(KeyError):
-        main(["doc", "x"])
+        main(["doc", "x"], {"RAG_DEBUG": "1"})
 
 
 def test_build_is_quiet_and_strict_json_names_a_hidden_file(tmp_path, model_cache):

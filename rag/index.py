@@ -43,7 +43,7 @@ from .chunking import CHUNKER_VERSION, Chunk, answer_units, article_terms, chunk
 from .config import Config
 from .corpus import Skipped, load_corpus
 from .errors import RagError
-from .lexical import BM25, TOKENIZER_VERSION, ChineseTokenizer
+from .lexical import BM25, TOKENIZER_VERSION, ChineseTokenizer, Scored
 
 FORMAT_VERSION = 2  # 2: spans and their embeddings
 KEEP_VERSIONS = 3  # old versions kept for rollback
@@ -101,11 +101,11 @@ class Index:
             self._vectors = np.load(self.path / "embeddings.npy", mmap_mode="r")
         return np.asarray(self._vectors[np.asarray(ids)])
 
-    def search_dense(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids) of the k nearest chunks by inner product, as faiss returns them."""
+    def search_dense(self, query_vectors: np.ndarray, k: int) -> Scored:
+        """The k nearest chunks by inner product, one row per query vector (n, k); faiss pads short rows with -1."""
         k = min(k, self.dense.ntotal)
         scores, ids = self.dense.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k)
-        return scores, ids
+        return Scored(ids, scores)
 
 
 def _sha(text: str) -> str:
@@ -688,11 +688,11 @@ def validate(path: Path) -> Index:
     a chunk by its own vector and by its own words. Raises IndexFault saying what failed."""
     index = load(path)  # verifies the manifest and every file's checksum
     probe = [0, len(index.chunks) // 2, len(index.chunks) - 1]
-    _, ids = index.search_dense(index.vectors(probe), 10)
+    ids = index.search_dense(index.vectors(probe), 10).ids
     if any(p not in row for p, row in zip(probe, ids.tolist())):
         raise IndexFault(f"the dense index at {index.path} does not find chunks by their own vectors; run `rag build`")
     for p in probe:
-        found, _ = index.bm25.search(index.tokenizer.tokenize(index.chunks[p].search_text, search=True), 10)
+        found = index.bm25.search(index.tokenizer.tokenize(index.chunks[p].search_text, search=True), 10).ids
         if index.chunks[p].text.strip() and p not in found.tolist() and len(found) < 10:
             raise IndexFault(f"BM25 at {index.path} does not find chunk {p} by its own words; run `rag build`")
     return index

@@ -5,6 +5,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -73,6 +74,13 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return top[np.argsort(-scores[top], kind="stable")]
 
 
+class Scored(NamedTuple):
+    """What a search returns, best first: BM25.search for one query (1-D arrays), Index.search_dense per query (2-D)."""
+
+    ids: np.ndarray  # chunk rows (faiss pads a short dense result with -1)
+    scores: np.ndarray  # the matching scores, higher is better
+
+
 class BM25:
     """Okapi BM25 (Robertson & Zaragoza 2009) with the Lucene idf, scores precomputed per (doc, term)."""
 
@@ -115,11 +123,11 @@ class BM25:
                 out[col.indices] += col.data
         return out
 
-    def search(self, query: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (indices, scores), best first; documents with score 0 are left out."""
+    def search(self, query: list[str], k: int) -> Scored:
+        """The top-k documents and their scores, best first; documents with score 0 are left out."""
         s = self.scores(query)
         top = top_k(s, k)
-        return top, s[top]
+        return Scored(top, s[top])
 
     def idf_of(self, tok: str) -> float:
         """idf of a token; unseen tokens get the idf of a term in no document."""

@@ -100,8 +100,8 @@ class Retriever:
         allowed = (lambda i: filters.allows(index.chunks[i])) if filters else (lambda i: True)
 
         qvec = self.query_vector(question)
-        dscores, dids = index.search_dense(qvec, depth)
-        dense = {int(i): float(s) for i, s in zip(dids[0], dscores[0]) if i >= 0 and allowed(int(i))}
+        nearest = index.search_dense(qvec, depth)
+        dense = {int(i): float(s) for i, s in zip(nearest.ids[0], nearest.scores[0]) if i >= 0 and allowed(int(i))}
         bm25_all = index.bm25.scores(index.tokenizer.tokenize(simplified(question), search=True))
         bids = top_k(bm25_all, depth)
         lexical = {int(i): float(bm25_all[i]) for i in bids if allowed(int(i))}

@@ -5,6 +5,7 @@ import pytest
 
 from rag.config import Config
 from rag.index import FORMAT_VERSION, IndexFault, build, build_lock, load
+from rag.lexical import Scored
 from rag.retrieval import Retriever, convex, rrf
 
 from .conftest import SEED_ID
@@ -49,7 +50,9 @@ def test_faiss_search_equals_numpy_brute_force(built, fake_embedder):
     index = load(config.index_dir)
     vectors = np.load(index.path / "embeddings.npy")
     queries = fake_embedder.encode_queries(["后勤工作理念", "综合考核", "图书馆转型", "学工品牌"])
-    scores, ids = index.search_dense(queries, 10)
+    nearest = index.search_dense(queries, 10)
+    assert isinstance(nearest, Scored)
+    ids, scores = nearest  # the order BM25.search returns too
     brute = queries @ vectors.T
     for row in range(len(queries)):
         np.testing.assert_allclose(scores[row], np.sort(brute[row])[::-1][:10], rtol=1e-5, atol=1e-6)

@@ -3,7 +3,7 @@ import re
 
 import numpy as np
 
-from rag.lexical import BM25, ChineseTokenizer
+from rag.lexical import BM25, ChineseTokenizer, Scored
 
 
 def test_corpus_terms_are_single_tokens():
@@ -40,7 +40,9 @@ def test_bm25_matches_plain_implementation(tmp_path):
     np.testing.assert_allclose(bm.scores(query), plain_bm25(docs, query), rtol=1e-5)
     bm.save(tmp_path)
     np.testing.assert_allclose(BM25.load(tmp_path).scores(query), plain_bm25(docs, query), rtol=1e-5)
-    ids, scores = bm.search(query, 10)
+    found = bm.search(query, 10)
+    assert isinstance(found, Scored)
+    ids, scores = found  # the order Index.search_dense returns too
     assert list(ids) == list(np.argsort(-plain_bm25(docs, query), kind="stable")[: len(ids)])
     assert all(s > 0 for s in scores)
 

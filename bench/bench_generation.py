@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from rag.answering import QA
+from rag.building import build
 from rag.config import Config
 from rag.embedding import load_embedder
 from rag.evaluation import answer_correct, read_qa, score
 from rag.generation import GenerativeAnswerer, GeneratorConfig
-from rag.index import build, load
+from rag.index import load
 from rag.llm import LOCAL_MODELS, LocalGenerator, OpenAIGenerator, assemble_gguf
 from rag.support import CheckedSentence, SupportChecker, split_generated
 

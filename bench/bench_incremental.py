@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+from rag.building import build
 from rag.config import Config
 from rag.embedding import load_embedder
-from rag.index import build
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "corpus" / "000_3ab29ec542edc89a.txt"

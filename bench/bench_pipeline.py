@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from rag.answering import QA
+from rag.building import build
 from rag.config import Config
 from rag.embedding import load_embedder
 from rag.evaluation import read_qa, score
-from rag.index import build
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,11 +6,12 @@
     print(QA.open(config).ask("报告会在哪里举行？").answer)
 """
 from .answering import QA, Answer, Citation, ExtractiveAnswerer, LiveQA
+from .building import build
 from .chunking import Chunk
 from .config import Config
 from .corpus import Article, load_corpus
 from .embedding import load_embedder
-from .index import Index, build, load
+from .index import Index, load
 from .retrieval import Filters, Hit, Retriever
 
 __all__ = [

@@ -127,7 +127,8 @@ class QA:
         import logging
 
         from .embedding import load_embedder
-        from .index import IndexFault, open_serving
+        from .index import IndexFault
+        from .versions import open_serving
 
         index, problems = open_serving(config.index_dir, model_name=config.model)
         for problem in problems:
@@ -213,7 +214,8 @@ class LiveQA:
 
     def get(self) -> QA:
         """The current QA; raises IndexFault (with what to do) when there is no usable index."""
-        from .index import IndexFault, choose_version
+        from .index import IndexFault
+        from .versions import choose_version
 
         qa = self._qa
         try:

@@ -19,12 +19,13 @@ from typing import Callable, Iterable, Iterator
 from .answering import QA, Answer, LiveQA
 from .conversation import checked_examples, next_focus, rewrite
 from .generation import Retry
-from .index import IndexFault, list_versions
+from .index import IndexFault
 from .llm import GenerationError
 from .rendering import answer_html, answer_text, message_html, writing_html
 from .retrieval import Filters
 from .serving import Rebuilder, index_status
 from .uploads import MAX_UPLOAD_BYTES, Upload, UploadError, add_uploads, inspect_upload
+from .versions import list_versions
 
 NO_INDEX = "还没有可用的索引，暂时无法回答。请管理员在「管理」标签页上传文章并重建索引，或在服务器上运行 `rag build`。"
 FIRST_BUILD = "索引正在构建中，请稍候一两分钟再提问。"

@@ -66,8 +66,8 @@ def _check_folder(path: Path, what: str, flag: str, must_exist: bool) -> None:
 
 
 def cmd_build(args, settings: Settings) -> None:
+    from .building import build
     from .embedding import load_embedder
-    from .index import build
 
     config = settings.config
     _check_folder(Path(config.index_dir), "index folder", "--index (env RAG_INDEX)", must_exist=False)
@@ -196,7 +196,7 @@ def cmd_eval(args, settings: Settings) -> None:
 
 
 def cmd_doc(args, settings: Settings) -> None:
-    from .index import open_serving
+    from .versions import open_serving
 
     config = settings.config
     index, problems = open_serving(config.index_dir)  # the version `ask` would answer from
@@ -276,7 +276,7 @@ def cmd_feedback(args, settings: Settings) -> None:
 
 
 def cmd_index(args, settings: Settings) -> None:
-    from .index import list_versions, rollback
+    from .versions import list_versions, rollback
 
     index_dir = Path(settings.config.index_dir)
     if index_dir.exists() and not index_dir.is_dir():

@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .building import BuildReport, build, document_changes
 from .chunking import CHUNKER_VERSION
 from .config import Config
 from .corpus import CorpusError, load_corpus
-from .index import (FORMAT_VERSION, BuildReport, IndexFault, build, check_version, choose_version, current_path,
-                    document_changes)
+from .index import FORMAT_VERSION, IndexFault, check_version
+from .versions import choose_version, current_path
 
 
 def stale_reasons(config: Config, embedder) -> list[str]:

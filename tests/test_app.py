@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from rag.answering import Answer, Citation, LiveQA
+from rag.building import build
 from rag.chat import FIRST_BUILD, NO_INDEX
 from rag.chunking import chunk_article
 from rag.cli import main
@@ -23,7 +24,6 @@ from rag.config import Config
 from rag.corpus import load_corpus
 from rag.decoding import read_text
 from rag.feedback import FeedbackStore
-from rag.index import build
 from rag.readers import parse_article
 from rag.rendering import answer_html, answer_text
 from rag.retrieval import Filters, Hit

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from rag.answering import Answer, Citation, LiveQA
+from rag.building import build
 from rag.chat import (FIRST_BUILD, GENERATION_FAILED, NO_INDEX, REBUILDING, TYPING_DELAY, Chat, LoginGuard, Operators,
                       Rated, Session, filter_problem, local_time, parse_filters, preview_html, question_html)
 from rag.chunking import chunk_article
@@ -17,7 +18,6 @@ from rag.config import Config
 from rag.corpus import load_corpus
 from rag.feedback import FeedbackStore
 from rag.generation import CheckedSentence, GenerationError, Retry
-from rag.index import build
 from rag.rendering import answer_html, answer_text, message_html, writing_html
 from rag.retrieval import Filters
 from rag.serving import Rebuilder

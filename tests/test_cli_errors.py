@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 import rag.cli
+from rag.building import build
 from rag.cli import EXIT_BROKEN_PIPE, EXIT_FAILED, EXIT_REFUSED, EXIT_USAGE, main
 from rag.config import Config
-from rag.index import build, list_versions
+from rag.versions import list_versions
 
 from .conftest import SEED, SEED_ID, FakeEmbedder, corpus_in
 

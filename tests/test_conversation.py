@@ -104,7 +104,7 @@ def test_a_declined_example_is_dropped():
 def test_examples_are_checked_against_the_index(seed_chunks, tmp_path, real_embedder):
     """The seed index, the real model: every example offered is answered, found and well supported."""
     from rag.answering import QA
-    from rag.index import build
+    from rag.building import build
 
     from .conftest import corpus_in
 

@@ -339,7 +339,7 @@ def test_model_loads_on_the_first_passage_batch(model_cache):
 
 
 def test_no_change_rebuild_loads_no_weights(model_cache, tmp_path):
-    from rag.index import build
+    from rag.building import build
 
     from .conftest import corpus_in
 

@@ -4,9 +4,10 @@ import json
 import pytest
 
 from rag.answering import QA
+from rag.building import build
 from rag.config import Config
 from rag.evaluation import read_qa, score
-from rag.index import build, load
+from rag.index import load
 
 from .conftest import QA_COPY, SEED_ID, corpus_in
 

@@ -14,10 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from rag.answering import QA, Answer, LiveQA
+from rag.building import build
 from rag.config import Config
 from rag.evaluation import answer_correct, read_qa
 from rag.generation import GenerativeAnswerer, GeneratorConfig, Retry, build_messages, use_generator
-from rag.index import build, load
+from rag.index import load
 from rag.llm import (
     LOCAL_MODELS, GenerationError, GGUFModel, LocalGenerator, OpenAIGenerator, _save_converted, assemble_gguf,
     converted_folder,

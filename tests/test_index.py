@@ -3,10 +3,12 @@ import json
 import numpy as np
 import pytest
 
+from rag.building import build
 from rag.config import Config
-from rag.index import FORMAT_VERSION, IndexFault, build, build_lock, load
+from rag.index import FORMAT_VERSION, IndexFault, load
 from rag.lexical import Scored
 from rag.retrieval import Retriever, convex, rrf
+from rag.versions import build_lock
 
 from .conftest import SEED_ID
 
@@ -140,7 +142,7 @@ def test_retriever_fusions_rank_the_chunk_both_retrievers_agree_on(built, fake_e
 
 
 def test_versions_list_and_rollback(built, fake_embedder):
-    from rag.index import list_versions, rollback
+    from rag.versions import list_versions, rollback
 
     config, first = built
     add_article(config, "new")
@@ -168,12 +170,12 @@ def test_strict_build_refuses_skipped_files_and_keeps_current(built, fake_embedd
 
 # A build in a child process that stops at a named phase, says so on stdout and waits to be killed: the test
 # kills it at exactly that phase on any machine (sleeping for a while would hit a different phase on each).
-# The phases are the points build() passes through in rag/index.py; wrapping a name that is gone fails loudly.
+# The phases are the points build() passes through in rag/building.py; wrapping a name that is gone fails loudly.
 KILL_SCRIPT = """
 import sys
 from pathlib import Path
 
-import rag.index as index
+import rag.building as building
 from rag.config import Config
 from tests.conftest import FakeEmbedder
 
@@ -188,24 +190,24 @@ def reached(phase):
 
 
 def before(phase, name):
-    call = getattr(index, name)
+    call = getattr(building, name)
 
     def wrapped(*args, **kwargs):
         reached(phase)
         return call(*args, **kwargs)
 
-    setattr(index, name, wrapped)
+    setattr(building, name, wrapped)
 
 
 def after(phase, name):
-    call = getattr(index, name)
+    call = getattr(building, name)
 
     def wrapped(*args, **kwargs):
         result = call(*args, **kwargs)
         reached(phase)
         return result
 
-    setattr(index, name, wrapped)
+    setattr(building, name, wrapped)
 
 
 class Embedder(FakeEmbedder):
@@ -217,8 +219,8 @@ class Embedder(FakeEmbedder):
 before("parsing", "load_corpus")
 before("writing", "make_dense_index")  # chunks, vectors and spans are in the temporary folder; dense.faiss is not
 after("written", "validate")  # the temporary folder is complete and checked, not yet renamed into versions/
-before("renamed", "_point_current")  # the new version is in versions/; `current` still names the old one
-index.build(Config(corpus_dir=Path(corpus_dir), index_dir=Path(index_dir)), Embedder())
+before("renamed", "point_current")  # the new version is in versions/; `current` still names the old one
+building.build(Config(corpus_dir=Path(corpus_dir), index_dir=Path(index_dir)), Embedder())
 print("done", flush=True)
 """
 

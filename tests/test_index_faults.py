@@ -11,9 +11,11 @@ import sys
 import pytest
 
 from rag.answering import LiveQA
+from rag.building import build
 from rag.config import Config
-from rag.index import IndexFault, build, check_version, list_versions, load, open_serving, rollback
+from rag.index import IndexFault, check_version, load
 from rag.serving import ensure_index, stale_reasons
+from rag.versions import list_versions, open_serving, rollback
 
 from .conftest import ROOT, SEED_ID
 
@@ -183,7 +185,7 @@ def test_a_no_change_rebuild_writes_nothing_and_keeps_the_good_versions(two, fak
 
 
 def test_a_failed_build_leaves_nothing_new_behind(tmp_path, seed_corpus, fake_embedder, monkeypatch):
-    import rag.index
+    import rag.building
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -199,7 +201,7 @@ def test_a_failed_build_leaves_nothing_new_behind(tmp_path, seed_corpus, fake_em
     def fails(path):
         raise IndexFault(f"the dense index at {path} does not find chunks by their own vectors; run `rag build`")
 
-    monkeypatch.setattr(rag.index, "validate", fails)  # a build that fails while writing its version
+    monkeypatch.setattr(rag.building, "validate", fails)  # a build that fails while writing its version
     with pytest.raises(IndexFault, match="own vectors"):
         build(Config(corpus_dir=seed_corpus, index_dir=tmp_path / "fresh"), fake_embedder)
     assert not (tmp_path / "fresh").exists()
@@ -209,7 +211,7 @@ def test_a_failed_build_leaves_nothing_new_behind(tmp_path, seed_corpus, fake_em
     build(config, fake_embedder)
     before = sorted(p.relative_to(config.index_dir) for p in config.index_dir.rglob("*"))
     add_article(config, "reading", "读书日活动\n图书馆举办读书日活动。")
-    monkeypatch.setattr(rag.index, "validate", fails)
+    monkeypatch.setattr(rag.building, "validate", fails)
     with pytest.raises(IndexFault):
         build(config, fake_embedder)
     assert sorted(p.relative_to(config.index_dir) for p in config.index_dir.rglob("*")) == before
@@ -219,9 +221,11 @@ READ_ONLY_SCRIPT = """
 import json, sys
 from pathlib import Path
 from rag.answering import LiveQA
+from rag.building import build
 from rag.config import Config
-from rag.index import IndexFault, build, list_versions, rollback
+from rag.index import IndexFault
 from rag.serving import ensure_index
+from rag.versions import list_versions, rollback
 from tests.conftest import FakeEmbedder
 
 fake = FakeEmbedder()

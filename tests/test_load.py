@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
+from rag.building import build
 from rag.config import Config
 from rag.evaluation import read_qa
-from rag.index import build
 
 from .conftest import QA_COPY, corpus_in, start_server, stop_server
 

@@ -5,9 +5,10 @@ import json
 import pytest
 
 from rag.answering import QA
+from rag.building import build
 from rag.config import Config
 from rag.evaluation import answer_correct, read_qa
-from rag.index import build, load
+from rag.index import load
 
 from .conftest import ROOT, corpus_in
 

@@ -3,7 +3,6 @@
 import sys
 
 from rag.cli import main
-from rag.web import _feedback_or_off  # noqa: F401  still imported from here by tests/test_cli_errors.py
 
 if __name__ == "__main__":
     sys.exit(main(["serve", *sys.argv[1:]]))

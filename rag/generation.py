@@ -12,18 +12,15 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
-from .answering import DECLINE, Answer, Citation, ExtractiveAnswerer, general_idf
+from .answering import DECLINE, Answer, Citation, ExtractiveAnswerer
 from .chunking import Chunk
 from .config import Config
-# GenerationError, LOCAL_MODELS, LocalGenerator and converted_folder are also imported from here by callers
-# that predate rag.llm (bench/bench_startup.py, tests/test_chat.py).
-from .llm import LLM, LOCAL_MODELS, GenerationError, LocalGenerator, OpenAIGenerator, converted_folder  # noqa: F401
+from .llm import LLM, LOCAL_MODELS, LocalGenerator, OpenAIGenerator
 from .retrieval import Hit
-from .support import (  # noqa: F401  (CheckedSentence is part of the answer stream)
-    CheckedSentence, SupportChecker, complete_prefix, passage_fields, split_generated,
-)
+from .spans import general_idf
+from .support import CheckedSentence, SupportChecker, complete_prefix, passage_fields, split_generated
 from .text import CLAUSE, PAUSE, SENTENCE_ENDS
 
 GENERATORS = ("extractive", "local", "openai")
@@ -55,23 +52,6 @@ class GeneratorConfig:
     def replace(self, **changes) -> "GeneratorConfig":
         """A copy with `changes` applied, skipping None values (unset flags)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str], **overrides) -> "GeneratorConfig":
-        """Settings from RAG_* variables in `env` (os.environ, passed in by cli/app), then `overrides` (flags).
-
-        GeneratorConfig.from_env({"RAG_GENERATOR": "local", "RAG_LLM": "1.5b"}).local_model -> "1.5b"
-        """
-        values = {
-            "kind": env.get("RAG_GENERATOR"),
-            "local_model": env.get("RAG_LLM"),
-            "base_url": env.get("RAG_OPENAI_BASE_URL"),
-            "model": env.get("RAG_OPENAI_MODEL"),
-            "api_key": env.get("RAG_OPENAI_API_KEY") or env.get("OPENAI_API_KEY"),
-            "timeout": float(env["RAG_OPENAI_TIMEOUT"]) if env.get("RAG_OPENAI_TIMEOUT") else None,
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls().replace(**values)
 
 
 # --------------------------------------------------------------------------- the prompt

@@ -167,7 +167,6 @@ class Featurizer:
         cos_rank = np.argsort(np.argsort(-span_cos))
         idf = general_idf()
         focus = {w: idf.get(w, idf["<median>"]) for w in focus_words(q)}
-        covers, grams = [], []
         contexts: dict[int, str] = {}
         out = np.zeros((len(candidates), len(FEATURES)), dtype=np.float64)
         for n, c in enumerate(candidates):

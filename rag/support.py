@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from .answering import ROLE_WORDS, Citation
+from .answering import Citation
+from .spans import ROLE_WORDS
 from .chunking import Chunk, find_names, split_sentences
 from .retrieval import Hit
 from .text import CLAUSE_BREAK, SENTENCE_ENDS, fold, nfkc

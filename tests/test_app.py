@@ -22,9 +22,7 @@ from rag.chunking import chunk_article
 from rag.cli import main
 from rag.config import Config
 from rag.corpus import load_corpus
-from rag.decoding import read_text
 from rag.feedback import FeedbackStore
-from rag.readers import parse_article
 from rag.rendering import answer_html, answer_text
 from rag.retrieval import Filters, Hit
 from rag.serving import Rebuilder, ensure_index, stale_reasons

@@ -17,7 +17,9 @@ from rag.chunking import chunk_article
 from rag.config import Config
 from rag.corpus import load_corpus
 from rag.feedback import FeedbackStore
-from rag.generation import CheckedSentence, GenerationError, Retry
+from rag.generation import Retry
+from rag.llm import GenerationError
+from rag.support import CheckedSentence
 from rag.rendering import answer_html, answer_text, message_html, writing_html
 from rag.retrieval import Filters
 from rag.serving import Rebuilder

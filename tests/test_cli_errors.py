@@ -240,14 +240,14 @@ def test_feedback_export_failures_leave_no_temporary_file(place):
 def test_a_garbage_feedback_db_turns_ratings_off_in_the_chat(place):
     """serve() keeps the chat up: the store stands in, says why once at start-up, and each 👍/👎 gets a notice."""
     gr = pytest.importorskip("gradio")
-    import app
+    from rag import web
 
-    store, note = app._feedback_or_off(place / "garbage.sqlite3")
+    store, note = web._feedback_or_off(place / "garbage.sqlite3")
     assert note.startswith("OFF (") and "not a usable feedback database" in note
     with pytest.raises(gr.Error, match="反馈功能暂时关闭"):
         store.add(rating="up", question="q", understood="q", answer="a", found=True, citations=[],
                   index_version=None)
-    good, note = app._feedback_or_off(place / "empty.sqlite3")
+    good, note = web._feedback_or_off(place / "empty.sqlite3")
     assert note == str(place / "empty.sqlite3") and good.rows() == []
 
 

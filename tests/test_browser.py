@@ -2,19 +2,14 @@
 started on a free loopback port with the real model. Screenshots of each step go to a temporary folder
 (pytest's tmp_path_factory, "screenshots*"), never into the repository."""
 import json
-import os
 import re
-import socket
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from .conftest import ROOT, SEED, corpus_in
+from .conftest import SEED, corpus_in, start_server, stop_server
 
 DATA = Path(__file__).parent / "data"
 XSS = DATA / "xss_article.txt"
@@ -27,45 +22,6 @@ TIMEOUT_MS = 60_000  # one answer; CI machines are slow, and a rebuild may share
 
 
 # ---------------------------------------------------------------- the server, as staff start it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(root: Path, model_cache: Path, admin_password: str | None = None, timeout: float = 240, **env_extra):
-    """`python app.py` with everything pointed into `root`; returns (process, url) once it serves."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAG_")}
-    env.update(RAG_CORPUS=str(root / "corpus"), RAG_INDEX=str(root / "index"), RAG_CACHE_DIR=str(model_cache),
-               RAG_HOST="127.0.0.1", RAG_PORT=str(port), RAG_FEEDBACK_DB=str(root / "feedback.sqlite3"),
-               GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", **env_extra)
-    if admin_password:
-        env["RAG_ADMIN_PASSWORD"] = admin_password
-    log = (root / "server.log").open("w", encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=root, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = (root / "server.log").read_text(encoding="utf-8")
-        if "serving http" in text:
-            return proc, f"http://127.0.0.1:{port}/"
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    stop_server(proc)
-    pytest.fail(f"the server did not start:\n{(root / 'server.log').read_text(encoding='utf-8')[-3000:]}")
-
-
-def stop_server(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import numpy as np
 
@@ -13,6 +13,9 @@ from .config import Config
 from .questions import QuestionError, asked_kinds, check_question, simplified
 from .retrieval import Filters, Hit, Retriever
 from .spans import Candidate, Featurizer, SpanModel
+
+if TYPE_CHECKING:  # rag.support imports this module, so its record is named only for the type checker
+    from .support import CheckedSentence
 
 DECLINE = "文章中没有提到{topic}。"
 
@@ -37,6 +40,22 @@ class Answer:
     support: float = 0.0  # the model's probability that the best span answers the question, the decline criterion
     timings_ms: dict = field(default_factory=dict)
     error: str | None = None  # set when the question itself was refused (empty, too long, ...)
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One step of an answer stream; consumers switch on `kind`. The "answer" event always comes last.
+
+    "text": the next piece of the answer as the model writes it (`text`);
+    "sentence": a sentence of it checked against the passages (`sentence`, with its citations);
+    "retry": nothing written had support and the model writes again: clear what was shown (`text`: why);
+    "answer": the final Answer (`answer`).
+    """
+
+    kind: Literal["text", "sentence", "retry", "answer"]
+    text: str = ""
+    sentence: CheckedSentence | None = None
+    answer: Answer | None = None
 
     def to_json(self) -> dict:
         return {
@@ -151,19 +170,19 @@ class QA:
         return self.retriever.index
 
     def ask(self, question: str, filters: Filters | None = None) -> Answer:
-        *_, answer = self.stream(question, filters)
-        return answer
+        *_, last = self.stream(question, filters)
+        return last.answer
 
-    def stream(self, question: str, filters: Filters | None = None) -> Iterator:
-        """What a chat shows as it comes, the Answer always last.
+    def stream(self, question: str, filters: Filters | None = None) -> Iterator[StreamEvent]:
+        """What a chat shows as it comes, the "answer" event always last.
 
         An answerer with a `stream` method (a generator) first yields the text as it is written and each
-        sentence once checked, with its citations; the extractive answerer yields only the Answer.
+        sentence once checked, with its citations; the extractive answerer yields only the answer.
         """
         try:
             cleaned = check_question(question, self.config)
         except QuestionError as e:
-            yield Answer(question or "", str(e), False, error=str(e))
+            yield StreamEvent("answer", answer=Answer(question or "", str(e), False, error=str(e)))
             return
         t0 = time.perf_counter()
         hits = self.retriever.search(cleaned, k=self.config.rerank_k, filters=filters)
@@ -172,15 +191,15 @@ class QA:
         if stream is None:
             answer = self.answerer.answer(cleaned, hits, self.index.documents)
         else:
-            for item in stream(cleaned, hits, self.index.documents, sentences=True):
-                if isinstance(item, Answer):
-                    answer = item
+            for event in stream(cleaned, hits, self.index.documents, sentences=True):
+                if event.kind == "answer":
+                    answer = event.answer
                 else:
-                    yield item
+                    yield event
         t2 = time.perf_counter()
         timings = {**answer.timings_ms, "retrieve": round((t1 - t0) * 1000, 2), "answer": round((t2 - t1) * 1000, 2)}
-        yield Answer(question, answer.answer, answer.found, answer.citations, answer.passages,
-                     answer.support, timings)
+        yield StreamEvent("answer", answer=Answer(question, answer.answer, answer.found, answer.citations,
+                                                  answer.passages, answer.support, timings))
 
 
 class LiveQA:

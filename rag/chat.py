@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .answering import QA, Answer, LiveQA
+from .answering import QA, LiveQA, StreamEvent
 from .conversation import checked_examples, next_focus, rewrite
-from .generation import Retry
 from .index import IndexFault
 from .llm import GenerationError
 from .rendering import answer_html, answer_text, message_html, writing_html
@@ -161,22 +160,22 @@ def question_html(question: str | None) -> str:
 
 class _Writing:
     """Follows an answer stream: iterate for the HTML after each change; then `.answer`, and `.written`
-    (the text a generator wrote; "" for the extractive answerer, which yields only the Answer)."""
+    (the text a generator wrote; "" for the extractive answerer, which yields only the answer)."""
 
-    def __init__(self, stream: Iterator):
+    def __init__(self, stream: Iterator[StreamEvent]):
         self._stream, self.written, self.sources, self.answer = stream, "", [], None
 
     def __iter__(self) -> Iterator[str]:
-        for item in self._stream:
-            if isinstance(item, Answer):
-                self.answer = item
+        for event in self._stream:
+            if event.kind == "answer":
+                self.answer = event.answer
                 continue
-            if isinstance(item, str):  # a generator's tokens, as they come
-                self.written += item
-            elif isinstance(item, Retry):  # nothing it wrote had support: it writes again
+            if event.kind == "text":  # a generator's tokens, as they come
+                self.written += event.text
+            elif event.kind == "retry":  # nothing it wrote had support: it writes again
                 self.written, self.sources = "", []
-            else:  # a sentence checked against the passages: its sources show while the rest is written
-                self.sources += [c for c in item.spans if c not in self.sources]
+            elif event.kind == "sentence":  # checked against the passages: its sources show while the rest is written
+                self.sources += [c for c in event.sentence.spans if c not in self.sources]
             yield writing_html(self.written, self.sources)
 
 

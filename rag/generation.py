@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .answering import DECLINE, Answer, Citation, ExtractiveAnswerer
+from .answering import DECLINE, Answer, Citation, ExtractiveAnswerer, StreamEvent
 from .chunking import Chunk
 from .config import Config
 from .llm import LLM, LOCAL_MODELS, LocalGenerator, OpenAIGenerator
@@ -163,12 +163,7 @@ def focus_passages(base: Answer, n: int, clause_of: tuple[str, object] | None = 
 # --------------------------------------------------------------------------- the answerer
 
 
-@dataclass(frozen=True)
-class Retry:
-    """Streamed when no sentence of the model's answer was supported and it writes once more over a narrower
-    passage: what was shown of the first answer is to be cleared."""
-
-    reason: str
+RETRY = "没有一句有资料依据，只给模型看最相关的分句，再写一次"  # why a "retry" event clears what was shown
 
 
 class GenerativeAnswerer:
@@ -183,27 +178,25 @@ class GenerativeAnswerer:
         self.checker = SupportChecker(extractive.tokenizer, embedder)
 
     def answer(self, question: str, hits: list[Hit], documents: dict[str, dict]) -> Answer:
-        final = None
-        for item in self.stream(question, hits, documents):
-            final = item
-        return final
+        *_, last = self.stream(question, hits, documents)
+        return last.answer
 
     def stream(self, question: str, hits: list[Hit], documents: dict[str, dict],
-               sentences: bool = False) -> Iterator[str | CheckedSentence | Retry | Answer]:
-        """Text pieces as the model writes them, then the checked Answer (always last).
+               sentences: bool = False) -> Iterator[StreamEvent]:
+        """"text" events as the model writes, then the checked Answer in the "answer" event (always last).
 
-        With `sentences=True`, each sentence is also yielded as a CheckedSentence (with its citations)
-        as soon as it is complete, so a chat can attach sources while the answer is still being written.
-        The pieces are the model's raw text, with its own [n] passage numbers; the final Answer's text
+        With `sentences=True`, each sentence is also yielded as a "sentence" event (a CheckedSentence, with
+        its citations) as soon as it is complete, so a chat can attach sources while the answer is still being
+        written. The text is the model's raw text, with its own [n] passage numbers; the final Answer's text
         is what to keep showing: unsupported sentences removed, [n] renumbered to its citations. When no
-        sentence is supported, a Retry comes (clear what was shown) and the model writes once more.
+        sentence is supported, a "retry" event comes (clear what was shown) and the model writes once more.
         """
         t0 = time.perf_counter()
         base = self.extractive.answer(question, hits, documents)
         timings = {"extractive": _ms(t0)}
         if not base.found:
-            yield base.answer
-            yield dataclasses.replace(base, timings_ms=timings)
+            yield StreamEvent("text", text=base.answer)
+            yield StreamEvent("answer", answer=dataclasses.replace(base, timings_ms=timings))
             return
         passages = focus_passages(base, self.gen.passages)
         checked = yield from self._attempt(question, passages, documents, base, timings, sentences)
@@ -212,9 +205,9 @@ class GenerativeAnswerer:
             # only the span's clause that best matches the question, a 0.5B mostly restates that clause.
             narrow = focus_passages(base, self.gen.passages, (question, self.extractive.tokenizer))
             if narrow[0].chunk.text != passages[0].chunk.text:
-                yield Retry("没有一句有资料依据，只给模型看最相关的分句，再写一次")
+                yield StreamEvent("retry", text=RETRY)
                 checked = yield from self._attempt(question, narrow, documents, base, timings, sentences)
-        yield self._compose(question, base, checked, timings)
+        yield StreamEvent("answer", answer=self._compose(question, base, checked, timings))
 
     def _attempt(self, question, passages, documents, base, timings, sentences):
         """Stream one answer over `passages`, checking its sentences as they complete; returns them checked."""
@@ -228,14 +221,14 @@ class GenerativeAnswerer:
                 if not pieces and "first_token" not in timings:
                     timings["first_token"] = _ms(t1)
                 pieces.append(piece)
-                yield piece
+                yield StreamEvent("text", text=piece)
                 if sentences:
                     text = "".join(pieces)
                     cut = complete_prefix(text, done)
                     if cut > done:
                         for s in self._check(text[done:cut], question, passages, documents, base.passages):
                             checked.append(s)
-                            yield s
+                            yield StreamEvent("sentence", sentence=s)
                         done = cut
                 if sum(map(len, pieces)) > 3 * self.config.max_answer_chars:
                     break  # a model that rambles: what follows would be cut anyway
@@ -246,7 +239,8 @@ class GenerativeAnswerer:
         t2 = time.perf_counter()
         rest = self._check(text[done:], question, passages, documents, base.passages)
         if sentences:
-            yield from rest
+            for s in rest:
+                yield StreamEvent("sentence", sentence=s)
         timings["check"] = timings.get("check", 0.0) + _ms(t2)
         return checked + rest
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rag.answering import Answer, Citation, LiveQA
+from rag.answering import Answer, Citation, LiveQA, StreamEvent
 from rag.building import build
 from rag.chat import (FIRST_BUILD, GENERATION_FAILED, NO_INDEX, REBUILDING, TYPING_DELAY, Chat, LoginGuard, Operators,
                       Rated, Session, filter_problem, local_time, parse_filters, preview_html, question_html)
@@ -17,7 +17,6 @@ from rag.chunking import chunk_article
 from rag.config import Config
 from rag.corpus import load_corpus
 from rag.feedback import FeedbackStore
-from rag.generation import Retry
 from rag.llm import GenerationError
 from rag.support import CheckedSentence
 from rag.rendering import answer_html, answer_text, message_html, writing_html
@@ -154,7 +153,7 @@ def writer(qa, items, fail: Exception | None = None):
         yield from items
         if fail is not None:
             raise fail
-        yield Answer(question, "报告会在慎行楼乐之厅举行。", True, ())
+        yield StreamEvent("answer", answer=Answer(question, "报告会在慎行楼乐之厅举行。", True, ()))
 
     return SimpleNamespace(index=qa.index, stream=stream)
 
@@ -163,7 +162,9 @@ def test_a_generated_answer_shows_as_written_and_a_retry_clears_it(chat):
     qa = chat.live.get()
     cited = Citation("d", "学校举行报告会", "王任", 0, 4, "乐之厅")
     sentence = CheckedSentence("报告会在乐之厅。", (1,), 0.9, (0,), (cited,))
-    chat.live = SimpleNamespace(get=lambda: writer(qa, ["报告", "会", Retry("unsupported"), "报告会", sentence]))
+    chat.live = SimpleNamespace(get=lambda: writer(qa, [
+        StreamEvent("text", "报告"), StreamEvent("text", "会"), StreamEvent("retry", "unsupported"),
+        StreamEvent("text", "报告会"), StreamEvent("sentence", sentence=sentence)]))
     shown = [r.html for r in run(chat, WHERE)]
     assert shown[1:5] == [writing_html("报告", []), writing_html("报告会", []), writing_html("", []),
                           writing_html("报告会", [])]
@@ -173,7 +174,7 @@ def test_a_generated_answer_shows_as_written_and_a_retry_clears_it(chat):
 
 def test_a_failing_llm_ends_the_turn_with_a_notice(chat):
     qa = chat.live.get()
-    chat.live = SimpleNamespace(get=lambda: writer(qa, ["报告"], GenerationError("server down")))
+    chat.live = SimpleNamespace(get=lambda: writer(qa, [StreamEvent("text", "报告")], GenerationError("server down")))
     replies = run(chat, WHERE)
     assert replies[-1].html == message_html(GENERATION_FAILED.format(error="server down"), "rag-notice")
     assert replies[-1].session.turns == {}

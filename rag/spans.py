@@ -148,6 +148,8 @@ class Featurizer:
         return got / total
 
     def rows(self, question: str, hits, candidates: list[Candidate], span_cos: np.ndarray) -> np.ndarray:
+        """One row of FEATURES per candidate (~70 lines): every feature's definition stands in one table, next to
+        the question-level values it uses, so that the list can be read against FEATURES."""
         q = simplified(nfkc(question)).lower()
         english = float(is_english(question))
         asked = asked_kinds(q)

@@ -41,6 +41,14 @@ class Answer:
     timings_ms: dict = field(default_factory=dict)
     error: str | None = None  # set when the question itself was refused (empty, too long, ...)
 
+    def to_json(self) -> dict:
+        return {
+            "question": self.question, "answer": self.answer, "found": self.found,
+            "citations": [asdict(c) for c in self.citations],
+            "passages": [h.to_json() for h in self.passages],
+            "support": round(self.support, 4), "timings_ms": self.timings_ms, "error": self.error,
+        }
+
 
 @dataclass(frozen=True)
 class StreamEvent:
@@ -56,14 +64,6 @@ class StreamEvent:
     text: str = ""
     sentence: CheckedSentence | None = None
     answer: Answer | None = None
-
-    def to_json(self) -> dict:
-        return {
-            "question": self.question, "answer": self.answer, "found": self.found,
-            "citations": [asdict(c) for c in self.citations],
-            "passages": [h.to_json() for h in self.passages],
-            "support": round(self.support, 4), "timings_ms": self.timings_ms, "error": self.error,
-        }
 
 
 def candidates(index, hits: list[Hit]) -> list[Candidate]:

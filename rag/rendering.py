@@ -64,7 +64,8 @@ def _card(n: int, hit: Hit, citation: Citation | None) -> str:
             f'<div class="rag-passage">{full}</div></details></div>')
 
 
-def _filters_text(filters: Filters | None) -> str:
+def filters_text(filters: Filters | None) -> str:
+    """The filters as staff read them: "发言人：王任；日期：2023-01-01 至 最新"; "" for none."""
     if not filters:
         return ""
     parts = []
@@ -83,7 +84,7 @@ def answer_html(answer: Answer, understood: str, filters: Filters | None = None,
     if answer.error:
         return "".join(out) + "</div>"
     out.append(f'<div class="rag-sources"><div class="rag-understood">理解为：{_e(understood)}</div>')
-    if (shown := _filters_text(filters)):
+    if (shown := filters_text(filters)):
         out.append(f'<div class="rag-filters">筛选：{_e(shown)}</div>')
     if answer.found:
         out.append('<div class="rag-sources-title">来源</div>')
@@ -126,7 +127,7 @@ def answer_text(answer: Answer, understood: str, filters: Filters | None = None,
     if answer.error:
         return "\n".join(lines)
     lines.append(f"理解为：{understood}")
-    if (shown := _filters_text(filters)):
+    if (shown := filters_text(filters)):
         lines.append(f"筛选：{shown}")
     if answer.found:
         lines.append("来源：")

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from rag import files
-from rag.files import sha256_file, write_atomic
+from rag.files import sha256_file, staged_folder, write_atomic
 
 
 def test_sha256_file_is_hashlib_over_the_whole_file(tmp_path):
@@ -66,3 +66,30 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path, monk
 def test_write_atomic_into_a_missing_folder_is_an_oserror(tmp_path):
     with pytest.raises(FileNotFoundError):
         write_atomic(tmp_path / "nope" / "out.txt", "x")
+
+
+def test_a_staged_folder_appears_whole_and_shareable_or_not_at_all(tmp_path):
+    dest = tmp_path / "cache" / "model"
+    with staged_folder(dest, ".done") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "weights.bin").write_bytes(b"w")
+        (tmp / ".done").write_text("ok")
+        assert not dest.exists()  # nothing shows until the block ends
+    assert (dest / "sub" / "weights.bin").read_bytes() == b"w"
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o755 and stat.S_IMODE((dest / ".done").stat().st_mode) == 0o644
+    failed = tmp_path / "cache" / "other"
+    with pytest.raises(RuntimeError):
+        with staged_folder(failed, ".done") as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("conversion failed")
+    assert not failed.exists() and sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["model"]
+
+
+def test_a_staged_folder_that_lost_the_race_keeps_the_winner(tmp_path):
+    dest = tmp_path / "model"
+    dest.mkdir()
+    (dest / ".done").write_text("first")
+    (dest / "weights.bin").write_text("first")
+    with staged_folder(dest, ".done") as tmp:
+        (tmp / ".done").write_text("second")
+    assert (dest / ".done").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["model"]

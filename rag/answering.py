@@ -147,15 +147,15 @@ class QA:
 
         from .embedding import load_embedder
         from .index import IndexFault
-        from .versions import open_serving
+        from .stores import open_serving
 
-        index, problems = open_serving(config.index_dir, model_name=config.model)
+        index, problems = open_serving(config)
         for problem in problems:
             (say or logging.getLogger("rag").warning)(problem)
         embedder = embedder or load_embedder(config)
         if embedder.fingerprint != index.manifest["model"]["fingerprint"]:
             raise IndexFault(
-                f"the index at {config.index_dir} was built with other weights of {embedder.name}; run `rag build`"
+                f"the index {index.path} was built with other weights of {embedder.name}; run `rag build`"
             )
         return cls.over(index, embedder, config)
 
@@ -234,11 +234,11 @@ class LiveQA:
     def get(self) -> QA:
         """The current QA; raises IndexFault (with what to do) when there is no usable index."""
         from .index import IndexFault
-        from .versions import choose_version
+        from .stores import choose
 
         qa = self._qa
         try:
-            path, problems = choose_version(Path(self.config.index_dir), self.config.model)
+            path, problems = choose(self.config)
         except IndexFault as e:
             if qa is None:
                 raise

@@ -168,7 +168,8 @@ def build(config: Config, embedder, progress: Callable[[str], None] | None = Non
 
 
 # Config fields that do not change what a build writes (paths, batch size): a change there is not a change.
-_NOT_BUILD_INPUTS = {"corpus_dir", "index_dir", "cache_dir", "embed_batch_size"}
+_NOT_BUILD_INPUTS = {"corpus_dir", "index_dir", "cache_dir", "embed_batch_size", "backend", "milvus_uri", "milvus_db",
+                     "milvus_collection"}
 
 
 def _unchanged(path: Path, keys: list[str], config: Config, embedder) -> dict | None:

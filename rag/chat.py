@@ -18,16 +18,17 @@ from typing import Callable, Iterable, Iterator
 
 from .answering import QA, LiveQA, StreamEvent
 from .conversation import checked_examples, next_focus, rewrite
-from .index import IndexFault
+from .index import IndexFault, StoreUnreachable
 from .llm import GenerationError
 from .rendering import answer_html, answer_text, filters_text, message_html, writing_html
 from .retrieval import Filters
 from .serving import Rebuilder, index_status
 from .uploads import MAX_UPLOAD_BYTES, Upload, UploadError, add_uploads, inspect_upload
-from .versions import list_versions
+from .stores import list_versions
 
 NO_INDEX = "还没有可用的索引，暂时无法回答。请管理员在「管理」标签页上传文章并重建索引，或在服务器上运行 `rag build`。"
 FIRST_BUILD = "索引正在构建中，请稍候一两分钟再提问。"
+STORE_FAILED = "检索库暂时无法访问：{error}。请稍后再试，或请管理员检查 Milvus。"
 GENERATION_FAILED = "生成回答时出错：{error}。请稍后再试，或请管理员检查语言模型（不设 RAG_GENERATOR 即用抽取式回答）。"
 REBUILDING = "索引正在更新：本回答来自当前版本 {version}，更新完成后将自动使用新版本。"
 TYPING_STEPS = 8  # pieces an answer is typed out in
@@ -182,6 +183,8 @@ class Chat:
         """(qa, None), or (None, message) when there is no index to answer from."""
         try:
             return self.live.get(), None
+        except StoreUnreachable as e:
+            return None, STORE_FAILED.format(error=e)
         except (IndexFault, OSError, ValueError):  # missing, or unreadable (a corrupt manifest is a ValueError)
             return None, FIRST_BUILD if self.rebuilder.running else NO_INDEX
 
@@ -217,6 +220,9 @@ class Chat:
         except GenerationError as e:  # the LLM failed (server down, model missing): say so, keep the chat going
             yield Reply(message_html(GENERATION_FAILED.format(error=e), "rag-notice"), session)
             return
+        except IndexFault as e:  # the store went away (Milvus unreachable): say so, keep the chat going
+            yield Reply(message_html(STORE_FAILED.format(error=e), "rag-notice"), session)
+            return
         answer, note = writing.answer, self._note(qa)
         if not writing.written:
             # The extractive answer is ready at once; typing it out keeps the chat's familiar rhythm.
@@ -244,6 +250,8 @@ class Chat:
             answer = qa.ask(question, filters=filters)
         except GenerationError as e:
             return GENERATION_FAILED.format(error=e)
+        except IndexFault as e:
+            return STORE_FAILED.format(error=e)
         return answer_text(answer, question, filters, self._note(qa))
 
     def _check_examples(self, qa: QA) -> list[str]:
@@ -384,9 +392,15 @@ class Operators:
         rows = [f"| {v['version']} | {local_time(v['built_at']) if v.get('built_at') else '?'} | "
                 f"{v['documents'] if v.get('documents') is not None else '?'} | "
                 f"{'是' if v['current'] else ''} | {'正常' if v['problem'] is None else html.escape(v['problem'])} |"
-                for v in reversed(list_versions(self.live.config.index_dir))]
+                for v in reversed(self._listed())]
         table = "\n\n| 保留的版本 | 构建时间 | 文章数 | current | 状态 |\n|---|---|---|---|---|\n" + "\n".join(rows) if rows else ""
         return problems + table
+
+    def _listed(self) -> list[dict]:
+        try:
+            return list_versions(self.live.config)
+        except IndexFault:  # the store is unreachable: the status above says so
+            return []
 
     def preview(self, paths: Iterable[str | Path] | None) -> list[Upload]:
         """Each uploaded file checked as the build would read it (nothing is written); see preview_html."""

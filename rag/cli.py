@@ -68,8 +68,8 @@ def _check_folder(path: Path, what: str, flag: str, must_exist: bool) -> None:
 
 
 def cmd_build(args, settings: Settings) -> None:
-    from .building import build
     from .embedding import load_embedder
+    from .stores import build
 
     config = settings.config
     _check_folder(Path(config.index_dir), "index folder", "--index (env RAG_INDEX)", must_exist=False)
@@ -198,16 +198,16 @@ def cmd_eval(args, settings: Settings) -> None:
 
 
 def cmd_doc(args, settings: Settings) -> None:
-    from .versions import open_serving
+    from .stores import open_serving, where
 
     config = settings.config
-    index, problems = open_serving(config.index_dir)  # the version `ask` would answer from
+    index, problems = open_serving(config)  # the version `ask` would answer from
     for problem in problems:
         _warn(problem)
     doc = index.documents.get(args.doc_id)
     if doc is None:
         known = ", ".join(list(index.documents)[:5])
-        raise CLIError(f"no document {args.doc_id!r} in {config.index_dir} (known: {known} ...)")
+        raise CLIError(f"no document {args.doc_id!r} in {where(config)} (known: {known} ...)")
     if args.json:
         print(json.dumps(doc, ensure_ascii=False, indent=2))
     else:
@@ -278,22 +278,23 @@ def cmd_feedback(args, settings: Settings) -> None:
 
 
 def cmd_index(args, settings: Settings) -> None:
-    from .versions import list_versions, rollback
+    from .stores import list_versions, rollback, where
 
-    index_dir = Path(settings.config.index_dir)
-    if index_dir.exists() and not index_dir.is_dir():
+    config = settings.config
+    index_dir = Path(config.index_dir)
+    if config.backend == "faiss" and index_dir.exists() and not index_dir.is_dir():
         raise CLIError(f"{index_dir} is a file, not an index folder: point --index (env RAG_INDEX) at the index")
     if args.action == "rollback":
-        target = rollback(index_dir, args.version)
+        target = rollback(config, args.version)
         if args.json:
             print(json.dumps(target, ensure_ascii=False))
         else:
             print(f"current index is now {target['version']} ({target.get('documents')} documents, "
                   f"{target.get('chunks')} chunks)")
         return
-    versions = list_versions(index_dir)
+    versions = list_versions(config)
     if not versions:
-        raise CLIError(f"no index versions in {index_dir}; build one with `rag build`")
+        raise CLIError(f"no index versions in {where(config)}; build one with `rag build`")
     if args.json:
         print(json.dumps(versions, ensure_ascii=False))
         return
@@ -339,6 +340,15 @@ def parser() -> argparse.ArgumentParser:
         if corpus:
             sp.add_argument("--corpus", dest="corpus_dir", help="article folder (env RAG_CORPUS, default ./corpus)",
                             **extra)
+        sp.add_argument("--backend", choices=["faiss", "milvus"],
+                        help="where versions serve from (env RAG_BACKEND, default faiss)", **extra)
+        sp.add_argument("--milvus-uri", dest="milvus_uri", help="Milvus server or cluster, http://host:19530, or a "
+                        "path ending in .db (embedded milvus-lite) (env RAG_MILVUS_URI; token: RAG_MILVUS_TOKEN)",
+                        **extra)
+        sp.add_argument("--milvus-db", dest="milvus_db", help="Milvus database (env RAG_MILVUS_DB)", **extra)
+        sp.add_argument("--milvus-collection", dest="milvus_collection",
+                        help="alias of the serving version in Milvus (env RAG_MILVUS_COLLECTION, default rag_news)",
+                        **extra)
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     b = sub.add_parser("build", help="parse, chunk, embed and index the corpus", epilog=EXIT_CODES_HELP)

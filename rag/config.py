@@ -43,10 +43,16 @@ class Config:
     hnsw_ef_search: int = 256  # HNSW search breadth: recall@10 vs exact 0.980 at 1M vectors (128: 0.942)
     ivf_nprobe: int = 256  # IVF lists probed per query, of sqrt(n): recall@10 0.978 at 1M vectors (128: 0.945)
     max_file_bytes: int = 20_000_000  # article files over this size are skipped
+    backend: str = "faiss"  # where versions serve from: "faiss" (index_dir alone) or "milvus" (published there too)
+    milvus_uri: str = ""  # http://host:19530 (a server or cluster), or a path ending in .db (embedded milvus-lite)
+    milvus_token: str = dataclasses.field(default="", repr=False)  # "user:password" or an API key; never written
+    milvus_db: str = ""  # Milvus database ("": the default one)
+    milvus_collection: str = "rag_news"  # the alias that serves; versions are collections <name>_v<version>
 
     def replace(self, **changes) -> "Config":
         """Return a copy with `changes` applied, skipping None values (unset CLI flags)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_json(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()
+                if k != "milvus_token"}

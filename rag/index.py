@@ -31,13 +31,17 @@ from .chunking import Chunk
 from .config import Config
 from .errors import RagError
 from .files import sha256_file as _file_sha  # under this name so tests can count the files hashed
-from .lexical import BM25, ChineseTokenizer, Scored
+from .lexical import BM25, ChineseTokenizer, Scored, top_k
 
 FORMAT_VERSION = 2  # 2: spans and their embeddings
 
 
 class IndexFault(RagError):
     """An index cannot be built or loaded; the message says what to do."""
+
+
+class StoreUnreachable(IndexFault):
+    """The store holding the index (Milvus) does not answer now; it may again later."""
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Index:
     _vectors: np.ndarray | None = None
     _span_vectors: np.ndarray | None = None
     _span_rows: np.ndarray | None = None
+    _last_bm25: tuple | None = None  # (tokens, BM25 scores of every chunk): the last question's, asked twice
 
     def spans_of(self, row: int) -> range:
         """Rows of `spans` (and span embeddings) that belong to chunk `row`."""
@@ -76,6 +81,29 @@ class Index:
         if self._vectors is None:
             self._vectors = np.load(self.path / "embeddings.npy", mmap_mode="r")
         return np.asarray(self._vectors[np.asarray(ids)])
+
+    def nearest(self, query_vector: np.ndarray, k: int, filters=None) -> Scored:
+        """The chunks among the k nearest to one query vector (1, dim) that `filters` allow, best first."""
+        found = self.search_dense(query_vector, k)
+        keep = [n for n, i in enumerate(found.ids[0]) if i >= 0 and (not filters or filters.allows(self.chunks[i]))]
+        return Scored(found.ids[0][keep], found.scores[0][keep])
+
+    def lexical(self, tokens: list[str], k: int, filters=None) -> Scored:
+        """The chunks among the k best by BM25 (score > 0) that `filters` allow, best first."""
+        scores = self._bm25_scores(tokens)
+        top = [int(i) for i in top_k(scores, k) if not filters or filters.allows(self.chunks[i])]
+        return Scored(np.array(top, dtype=np.int64), scores[top])
+
+    def lexical_scores(self, tokens: list[str], ids: list[int]) -> np.ndarray:
+        """BM25 scores of chunks `ids` for the question's tokens (0 where they share none)."""
+        return self._bm25_scores(tokens)[np.asarray(ids, dtype=np.int64)]
+
+    def _bm25_scores(self, tokens: list[str]) -> np.ndarray:
+        key = tuple(tokens)
+        cached = self._last_bm25
+        if cached is None or cached[0] != key:
+            cached = self._last_bm25 = (key, self.bm25.scores(tokens))  # one assignment: safe across threads
+        return cached[1]
 
     def search_dense(self, query_vectors: np.ndarray, k: int) -> Scored:
         """The k nearest chunks by inner product, one row per query vector (n, k); faiss pads short rows with -1."""

@@ -1,4 +1,4 @@
-"""Question -> ranked Hits: dense (FAISS) and BM25 fused (convex min-max or weighted reciprocal rank), with filters."""
+"""Question -> ranked Hits: dense and BM25 (FAISS and our BM25, or Milvus: rag/milvus.py) fused (convex min-max or weighted reciprocal rank), with filters."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +8,6 @@ import numpy as np
 from .chunking import Chunk, normalize
 from .config import Config
 from .index import Index
-from .lexical import top_k
 from .questions import simplified
 
 
@@ -94,24 +93,20 @@ class Retriever:
         """The k best chunks for `question`, best first."""
         cfg, index = self.config, self.index
         k = k or cfg.retrieve_k
-        n = len(index.chunks)
         # With filters, look deeper so that enough allowed chunks survive.
-        depth = min(n, cfg.candidate_k * (10 if filters else 1))
-        allowed = (lambda i: filters.allows(index.chunks[i])) if filters else (lambda i: True)
-
+        depth = min(len(index.chunks), cfg.candidate_k * (10 if filters else 1))
         qvec = self.query_vector(question)
-        nearest = index.search_dense(qvec, depth)
-        dense = {int(i): float(s) for i, s in zip(nearest.ids[0], nearest.scores[0]) if i >= 0 and allowed(int(i))}
-        bm25_all = index.bm25.scores(index.tokenizer.tokenize(simplified(question), search=True))
-        bids = top_k(bm25_all, depth)
-        lexical = {int(i): float(bm25_all[i]) for i in bids if allowed(int(i))}
+        tokens = index.tokenizer.tokenize(simplified(question), search=True)
+        nearest, best = index.nearest(qvec, depth, filters), index.lexical(tokens, depth, filters)
+        dense = dict(zip(nearest.ids.tolist(), nearest.scores.tolist()))
+        lexical = dict(zip(best.ids.tolist(), best.scores.tolist()))
         weights = [cfg.dense_weight, cfg.bm25_weight]
         if cfg.fusion == "rrf":
             fused = rrf([list(dense), list(lexical)], weights, cfg.rrf_k)
         else:  # convex: both scores of every candidate, found by one retriever or both
             union = list(dict.fromkeys([*dense, *lexical]))
             self._add_cosines(dense, union, qvec)
-            fused = convex(dense, {i: float(bm25_all[i]) for i in union}, weights)
+            fused = convex(dense, dict(zip(union, index.lexical_scores(tokens, union).tolist())), weights)
         named = set(named_speakers(simplified(question), self._speakers))
         if named and fused:
             # A question that names a speaker is about that speaker's segments first.
@@ -124,8 +119,8 @@ class Retriever:
         order = sorted(fused, key=lambda i: -fused[i])[:k]
         # Every hit gets its cosine, found by BM25 alone or not: the answerer weighs meaning too.
         self._add_cosines(dense, order, qvec)
-        return [Hit(index.chunks[i], fused[i], dense[i], float(bm25_all[i]) if bm25_all[i] > 0 else None, i)
-                for i in order]
+        bm25 = index.lexical_scores(tokens, order).tolist()
+        return [Hit(index.chunks[i], fused[i], dense[i], b if b > 0 else None, i) for i, b in zip(order, bm25)]
 
     def query_vector(self, question: str) -> np.ndarray:
         """The question's embedding (1, dim), kept for the answerer's span cosines."""

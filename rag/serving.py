@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .building import BuildReport, build, document_changes
+from .building import BuildReport, document_changes
 from .chunking import CHUNKER_VERSION
 from .config import Config
 from .corpus import CorpusError, load_corpus
 from .index import FORMAT_VERSION, IndexFault, check_version
-from .versions import choose_version, current_path
+from .stores import build, choose, milvus_store
+from .versions import current_path
 
 
 def stale_reasons(config: Config, embedder) -> list[str]:
@@ -62,6 +63,11 @@ def ensure_index(config: Config, embedder, say: Callable[[str], None] = lambda m
     be rebuilt (a read-only folder, another build running, a corpus that fails) but a version can serve: then
     `say` gets one line saying so. Raises IndexFault or CorpusError only when there is nothing to serve."""
     reasons = stale_reasons(config, embedder)
+    if not reasons and config.backend == "milvus":
+        # The local version is current; Milvus serves it or a later one built elsewhere (kept), or nothing yet.
+        store = milvus_store(config)
+        if store.current() is None:
+            reasons = [f"no index named {store.name} in Milvus at {store.uri}"]
     if not reasons:
         return None
     say(f"building the index: {'; '.join(reasons)}")
@@ -69,10 +75,10 @@ def ensure_index(config: Config, embedder, say: Callable[[str], None] = lambda m
         return build(config, PacedEmbedder(embedder), progress=say)
     except (IndexFault, CorpusError) as e:
         try:
-            path, _ = choose_version(Path(config.index_dir), config.model)
+            path, _ = choose(config)
         except IndexFault:
             raise e from None
-        say(f"the index was not rebuilt ({e}); serving version {path.name} as it is")
+        say(f"the index was not rebuilt ({e}); serving version {getattr(path, 'name', path)} as it is")
         return None
 
 

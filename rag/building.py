@@ -135,11 +135,16 @@ def document_changes(index_dir: Path, articles) -> dict[str, list[str]]:
     """doc_ids added, changed, removed and unchanged since the current version (or, when that is damaged, the
     version that serves instead)."""
     path, _ = _base(Path(index_dir))
-    before: dict[str, str] = {}
+    documents: list[dict] = []
     if path and (path / "manifest.json").exists():
         with contextlib.suppress(OSError, ValueError, KeyError):
-            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-            before = {d["doc_id"]: (d["content_hash"], d["title"], d["date"]) for d in manifest["documents"]}
+            documents = json.loads((path / "manifest.json").read_text(encoding="utf-8"))["documents"]
+    return changes_since(documents, articles)
+
+
+def changes_since(documents: list[dict], articles) -> dict[str, list[str]]:
+    """doc_ids added, changed, removed and unchanged in `articles` since a manifest's `documents`."""
+    before = {d["doc_id"]: (d["content_hash"], d["title"], d["date"]) for d in documents}
     now = {a.doc_id: (a.content_hash, a.title, a.date) for a in articles}  # a new title or date is a change too
     return {
         "added": sorted(now.keys() - before.keys()),

@@ -201,7 +201,7 @@ def cmd_doc(args, settings: Settings) -> None:
     from .stores import open_serving, where
 
     config = settings.config
-    index, problems = open_serving(config)  # the version `ask` would answer from
+    index, problems = open_serving(config, any_model=True)  # the version `ask` would answer from
     for problem in problems:
         _warn(problem)
     doc = index.documents.get(args.doc_id)

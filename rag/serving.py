@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .building import BuildReport, document_changes
+from .building import BuildReport, changes_since
 from .chunking import CHUNKER_VERSION
 from .config import Config
 from .corpus import CorpusError, load_corpus
@@ -35,6 +35,27 @@ def stale_reasons(config: Config, embedder) -> list[str]:
         manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         return [f"the manifest at {path} cannot be read ({e})"]
+    return _differences(manifest, config, embedder)
+
+
+def milvus_stale_reasons(config: Config, embedder) -> list[str]:
+    """Why the version Milvus serves does not match this machine's corpus, model and chunker; [] when it does, and
+    when this machine has no articles (a chat-only server serves whatever the ingest job published)."""
+    store = milvus_store(config)
+    target = store.current()
+    if target is None:
+        return [f"no index named {store.name} in Milvus at {store.uri}"]
+    corpus = Path(config.corpus_dir)
+    if not corpus.is_dir() or not any(corpus.iterdir()):
+        return []
+    manifest = store.manifest(target)
+    if manifest is None:
+        return [f"the current index version {target} in Milvus is incomplete"]
+    return _differences(manifest, config, embedder)
+
+
+def _differences(manifest: dict, config: Config, embedder) -> list[str]:
+    """What differs between a version's manifest and what a build now would write."""
     reasons = []
     if manifest.get("format_version") != FORMAT_VERSION:
         reasons.append(f"index format {manifest.get('format_version')} (this program writes {FORMAT_VERSION})")
@@ -51,7 +72,7 @@ def stale_reasons(config: Config, embedder) -> list[str]:
         articles, _ = load_corpus(Path(config.corpus_dir), config)
     except CorpusError as e:
         return reasons + [str(e)]
-    changes = document_changes(Path(config.index_dir), articles)
+    changes = changes_since(manifest.get("documents") or [], articles)
     added, changed, removed = (len(changes[k]) for k in ("added", "changed", "removed"))
     if added or removed or changed:
         reasons.append(f"corpus changed: {added} added, {changed} changed, {removed} removed")
@@ -62,12 +83,7 @@ def ensure_index(config: Config, embedder, say: Callable[[str], None] = lambda m
     """Build the index when it is missing, stale or damaged; None when it was already current, or when it cannot
     be rebuilt (a read-only folder, another build running, a corpus that fails) but a version can serve: then
     `say` gets one line saying so. Raises IndexFault or CorpusError only when there is nothing to serve."""
-    reasons = stale_reasons(config, embedder)
-    if not reasons and config.backend == "milvus":
-        # The local version is current; Milvus serves it or a later one built elsewhere (kept), or nothing yet.
-        store = milvus_store(config)
-        if store.current() is None:
-            reasons = [f"no index named {store.name} in Milvus at {store.uri}"]
+    reasons = (milvus_stale_reasons if config.backend == "milvus" else stale_reasons)(config, embedder)
     if not reasons:
         return None
     say(f"building the index: {'; '.join(reasons)}")

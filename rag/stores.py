@@ -47,17 +47,19 @@ def choose(config: Config, broken: dict | None = None) -> tuple[object, list[str
     return choose_version(Path(config.index_dir), config.model, broken)
 
 
-def open_serving(config: Config) -> Served:
-    """Load the version to answer from: the current one, or the newest intact one with a line saying why."""
+def open_serving(config: Config, any_model: bool = False) -> Served:
+    """Load the version to answer from: the current one, or the newest intact one with a line saying why.
+    `any_model`: whatever embedding model built it (to read articles, not to answer)."""
+    model = None if any_model else config.model
     if config.backend != "milvus":
         from .versions import open_serving as open_folder
 
-        return open_folder(Path(config.index_dir), config.model)
+        return open_folder(Path(config.index_dir), model)
     from .index import IndexFault, StoreUnreachable
 
     store, broken = milvus_store(config), {}
     while True:
-        collection, problems = store.choose(config.model, broken)
+        collection, problems = store.choose(model, broken)
         try:
             return Served(store.open(collection), problems)
         except StoreUnreachable:

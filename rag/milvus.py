@@ -40,7 +40,8 @@ _EMPTY_TERM = 2**31  # a term no question holds: a chunk without tokens still ne
 
 
 def _milvus_error(uri: str, e: BaseException) -> IndexFault:
-    return StoreUnreachable(f"Milvus at {uri} is unreachable or refused the request ({one_line(e)}); start it, or point "
+    why = one_line(getattr(e, "message", None) or e)  # pymilvus's exceptions keep the server's words in .message
+    return StoreUnreachable(f"Milvus at {uri} is unreachable or refused the request ({why}); start it, or point "
                       "--milvus-uri (env RAG_MILVUS_URI) at a running Milvus")
 
 

@@ -486,18 +486,22 @@ class MilvusIndex:
         by_id = {r["span"]: r["dense"] for r in rows}
         return np.array([by_id[int(i)] for i in ids], dtype=np.float32)
 
-    def _fetch(self, ids: list[int]) -> None:
-        missing = sorted({int(i) for i in ids} - set(self._rows))
-        if len(self._rows) > 5_000:
-            self._rows = {}
+    def _fetch(self, ids: list[int]) -> dict[int, dict]:
+        """Chunk rows `ids` with their dense and sparse vectors; kept for the rest of the question (the fusion and
+        the hits ask for the same candidates), a bounded cache shared by the chat's threads."""
+        cache, got = self._rows, {}
+        missing = sorted({int(i) for i in ids} - cache.keys())
         if missing:
-            rows = self.store.call("query", self.collection, filter=f"row in {missing}",
-                                   output_fields=["row", "dense", "sparse"])
-            self._rows.update({r["row"]: r for r in rows})
+            got = {r["row"]: r for r in self.store.call("query", self.collection, filter=f"row in {missing}",
+                                                        output_fields=["row", "dense", "sparse"])}
+            if len(cache) > 5_000:
+                self._rows = {}  # one assignment: other threads keep the dict they hold
+            self._rows.update(got)
+        return {int(i): got.get(int(i)) or cache[int(i)] for i in ids}
 
     def vectors(self, ids: list[int]) -> np.ndarray:
-        self._fetch(ids)
-        return np.array([self._rows[int(i)]["dense"] for i in ids], dtype=np.float32)
+        rows = self._fetch(ids)
+        return np.array([rows[int(i)]["dense"] for i in ids], dtype=np.float32)
 
     def nearest(self, query_vector: np.ndarray, k: int, filters=None) -> Scored:
         """The k nearest chunks allowed by `filters` to one query vector (1, dim), best first."""
@@ -534,10 +538,9 @@ class MilvusIndex:
 
     def lexical_scores(self, tokens: list[str], ids: list[int]) -> np.ndarray:
         """BM25 scores of chunks `ids` for the question's tokens (0 where they share none)."""
-        terms = self._query_terms(tokens)
-        self._fetch(ids)
+        terms, rows = self._query_terms(tokens), self._fetch(ids)
         out = np.zeros(len(ids), dtype=np.float32)
         for n, i in enumerate(ids):
-            sparse = self._rows[int(i)]["sparse"]
+            sparse = rows[int(i)]["sparse"]
             out[n] = sum(w * sparse.get(j, 0.0) for j, w in terms.items())
         return out

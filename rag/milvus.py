@@ -81,6 +81,9 @@ class MilvusStore:
         self.uri, self.token, self.db, self.name = uri, token, db, name
         self._client = None
         self._lock = threading.Lock()
+        # Complete versions whose counts were checked -> manifest. A version never changes once complete, so
+        # later checks (every chat question) only see that its collections still exist: one call, not eight.
+        self._intact: dict[str, dict] = {}
 
     @property
     def client(self):
@@ -125,6 +128,8 @@ class MilvusStore:
 
     def manifest(self, collection: str) -> dict | None:
         """The manifest of a complete version; None when it is incomplete (a build killed or in progress)."""
+        if collection in self._intact:
+            return self._intact[collection]
         meta = f"{collection}_meta"
         if not self.call("has_collection", meta):
             return None
@@ -138,7 +143,10 @@ class MilvusStore:
         names = self.call("list_collections") if names is None else names
         missing = [c for c in (collection, f"{collection}_spans", f"{collection}_meta") if c not in names]
         if missing:
+            self._intact.pop(collection, None)
             return f"missing (collection {missing[0]} does not exist)"
+        if collection in self._intact:
+            return None
         manifest = self.manifest(collection)
         if manifest is None:
             return "incomplete (its build did not finish)"
@@ -148,6 +156,7 @@ class MilvusStore:
             have = self.call("query", coll, filter="", output_fields=["count(*)"])[0]["count(*)"]
             if have != want:
                 return f"damaged: {coll} holds {have} rows, its manifest says {want}"
+        self._intact[collection] = manifest
         return None
 
     def list_versions(self) -> list[dict]:
@@ -242,6 +251,7 @@ class MilvusStore:
         return dropped
 
     def _drop(self, coll: str, names: list[str]) -> None:
+        self._intact.pop(coll, None)
         for name in (coll, f"{coll}_spans", f"{coll}_meta"):
             if name in names:
                 self.call("drop_collection", name)

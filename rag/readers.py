@@ -1,291 +1,28 @@
 """One corpus file to Article records, per format: a saved news page as text (.txt), Markdown, JSONL, a
-saved web page (.html) and Word (.docx), all laid out by the same news-layout rules (title, date and
+saved web page (.html) and Word (.docx), all laid out by the news-layout rules of rag/layout.py (title, date and
 read-count line, image lines, body paragraphs, credits line); read_file picks the format by suffix.
 
-Longer than 400 lines: the five readers share the layout rules and the Article record they fill, and this
-split could add only decoding.py and readers.py. The next cut is along the section rules below: the layout
-rules (Span .. _layout, ~250 lines) into a layout module, leaving the per-format readers here.
+Longer than 400 lines (~450): five readers, each a few short functions; split further, each module would hold one
+reader and import the same layout rules.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import PurePosixPath
 
 from .decoding import CorpusError, decode_bytes, decode_html, normalize_newlines
-from .text import CN_DATE, FULL_STOP, ISO_DATE
+from .layout import (Article, Layout, Span, find_layout, is_meta_line, lines_of, make_article, names_in,
+                     parse_credits, parse_date)
 
-
-@dataclass(frozen=True)
-class Span:
-    """A piece of Article.text: text[start:end]."""
-
-    start: int
-    end: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start <= self.end:
-            raise ValueError(f"bad span [{self.start}, {self.end})")
-
-
-@dataclass(frozen=True)
-class Article:
-    doc_id: str  # path relative to the corpus dir without suffix ("sub/x"); JSONL records: "<stem>#<id>"
-    path: str  # path relative to the corpus dir, posix
-    title: str
-    date: str | None  # "2023-07-04 19:40", or "2023-07-04" when the source gives no time
-    read_count: int | None
-    credits: tuple[tuple[str, str], ...]  # (role, name) in source order
-    text: str  # decoded, BOM removed, CRLF/CR -> LF, nothing else changed
-    paragraphs: tuple[Span, ...]  # body paragraphs, trimmed; no title/meta/image/credits lines
-    title_span: Span | None  # None when the title is not in text (JSONL)
-    meta_span: Span | None  # the date/read-count line
-    credits_span: Span | None
-    encoding: str
-    content_hash: str  # sha256 hex of text
-
-    def to_json(self) -> dict:
-        def span(s: Span | None) -> list[int] | None:
-            return None if s is None else [s.start, s.end]
-
-        return {
-            "doc_id": self.doc_id,
-            "path": self.path,
-            "title": self.title,
-            "date": self.date,
-            "read_count": self.read_count,
-            "credits": [{"role": role, "name": name} for role, name in self.credits],
-            "encoding": self.encoding,
-            "content_hash": self.content_hash,
-            "title_span": span(self.title_span),
-            "meta_span": span(self.meta_span),
-            "credits_span": span(self.credits_span),
-            "paragraphs": [[p.start, p.end] for p in self.paragraphs],
-            "text": self.text,
-        }
-
-
-# ---------------------------------------------------------------- the news layout
-
-_IMAGE_LINE = re.compile(r"\S+\.(?:jpg|jpeg|png|gif|webp|bmp)", re.IGNORECASE)
 _MD_IMAGE_LINE = re.compile(r"!\[[^\]]*\]\([^)]*\)")
 _MD_RULE = re.compile(r"(?:-[ \t]*){3,}|(?:\*[ \t]*){3,}|(?:_[ \t]*){3,}")
 _MD_HEADING = re.compile(r"(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*")
-_READS = re.compile(r"(?:阅读|閱讀|浏览|瀏覽|点击|點擊)(?:次数|次數|量|数|數)?\s*[:：]?\s*(\d[\d,]*)")
-_META_LABEL = re.compile(
-    r"(?:(?:发布|發布|發佈|发表|發表|更新)(?:时间|時間|日期)|来源|來源|作者|日期|时间|時間)\s*[:：]"
-)
-
-_ROLES = {
-    "摄影": "photographer", "攝影": "photographer", "图片": "photographer", "圖片": "photographer",
-    "图": "photographer", "圖": "photographer",
-    "供稿": "contributor",
-    "审核": "reviewer", "審核": "reviewer", "审稿": "reviewer", "審稿": "reviewer",
-    "编辑": "editor", "編輯": "editor", "责任编辑": "editor", "責任編輯": "editor",
-    "责编": "editor", "責編": "editor",
-    "文字": "writer", "撰稿": "writer", "撰文": "writer", "作者": "writer", "文": "writer",
-    "通讯员": "correspondent", "通訊員": "correspondent",
-    "记者": "reporter", "記者": "reporter",
-}  # fmt: skip
-
-
-def _lines(text: str, start: int = 0, end: int | None = None) -> list[Span]:
-    """Spans of the non-blank lines of text[start:end], trimmed of surrounding whitespace.
-
-    >>> _lines("标题\\n\\n  正文 \\n")
-    [Span(start=0, end=2), Span(start=6, end=8)]
-    """
-    end = len(text) if end is None else end
-    spans = []
-    pos = start
-    while pos <= end:
-        stop = text.find("\n", pos, end)
-        stop = end if stop < 0 else stop
-        line = text[pos:stop]
-        stripped = line.strip()
-        if stripped:
-            left = pos + len(line) - len(line.lstrip())
-            spans.append(Span(left, left + len(stripped)))
-        pos = stop + 1
-    return spans
-
-
-def _parse_date(value: str) -> str | None:
-    """First date in value as "YYYY-MM-DD HH:MM", or "YYYY-MM-DD" when it has no time.
-
-    >>> _parse_date("2023年07月04日19时40分\\xa0阅读:2214")
-    '2023-07-04 19:40'
-    >>> _parse_date("发布时间：2023/7/4")
-    '2023-07-04'
-    """
-    for pattern in (CN_DATE, ISO_DATE):
-        for m in pattern.finditer(value):
-            y, mo, d, h, mi = m.groups()
-            try:
-                day = datetime(int(y), int(mo), int(d))
-            except ValueError:
-                continue
-            if h is not None and int(h) < 24 and int(mi) < 60:
-                return f"{day:%Y-%m-%d} {int(h):02d}:{int(mi):02d}"
-            return f"{day:%Y-%m-%d}"
-    return None
-
-
-def _read_count(value: str) -> int | None:
-    """The read count of a dateline.
-
-    >>> _read_count("2023年07月04日 阅读:2,214"), _read_count("2023年07月04日")
-    (2214, None)
-    """
-    m = _READS.search(value)
-    return int(m.group(1).replace(",", "")) if m else None
-
-
-def _is_meta_line(line: str) -> bool:
-    """Whether a line is a dateline (date, read count or a label such as 来源：) rather than body text.
-
-    >>> _is_meta_line("发布时间：2023-07-04  浏览次数：35"), _is_meta_line("2023年7月4日，学校举行报告会。")
-    (True, False)
-    """
-    # A dateline is short and not a sentence; a body paragraph opening with a date ends in "。".
-    if len(line) > 120 or FULL_STOP.search(line):
-        return False
-    return bool(CN_DATE.search(line) or ISO_DATE.search(line) or _READS.search(line) or _META_LABEL.search(line))
-
-
-def _parse_credits(line: str) -> tuple[tuple[str, str], ...] | None:
-    """(role, name) pairs of a credits line, or None when the line is not one.
-
-    Items are "name/role", "role/name", "role：name" or "role name"; names may be joined with 、.
-
-    >>> _parse_credits("(王保红/摄影 孙珊/供稿)")
-    (('photographer', '王保红'), ('contributor', '孙珊'))
-    >>> _parse_credits("（文字：张三、李四 责任编辑：南木）")
-    (('writer', '张三'), ('writer', '李四'), ('editor', '南木'))
-    >>> _parse_credits("他强调,要坚持问题导向/目标导向。") is None
-    True
-    """
-    line = line.strip()
-    if len(line) >= 2 and line[0] in "(（" and line[-1] in ")）":
-        line = line[1:-1].strip()
-    elif len(line) > 80 or not re.search(r"[:：/／]", line):
-        return None  # unwrapped, a credits line must at least look like "责任编辑：南木"
-    items: list[tuple[str, str]] = []
-    pending: list[str] = []  # names waiting for the role that follows them ("张三 李四/摄影")
-    current: str | None = None  # role that later bare names inherit ("摄影：张三 李四")
-    for token in re.split(r"[\s;；|]+", line):
-        if not token:
-            continue
-        labelled = re.fullmatch(r"([^:：]+)[:：](.*)", token)
-        slashed = re.fullmatch(r"([^/／]+)[/／]([^/／]+)", token)
-        if labelled:
-            role, names = labelled.group(1), _names(labelled.group(2))
-            if role not in _ROLES or pending or names is None:
-                return None
-            items += [(_ROLES[role], n) for n in names]
-            current = role
-        elif slashed:
-            left, right = slashed.groups()
-            if right in _ROLES and (names := _names(left)):
-                items += [(_ROLES[right], n) for n in pending + names]
-                pending, current = [], None
-            elif left in _ROLES and (names := _names(right)) and not pending:
-                items += [(_ROLES[left], n) for n in names]
-                current = left
-            else:
-                return None
-        elif token in _ROLES and len(token) > 1:  # "记者 张三"; a lone 文 or 图 is too often a word
-            if pending:
-                return None
-            current = token
-        else:
-            names = _names(token)
-            if not names:
-                return None
-            if current is None:
-                pending += names
-            else:
-                items += [(_ROLES[current], n) for n in names]
-    if pending or not items:
-        return None
-    return tuple(items)
-
-
-def _names(value: str) -> list[str] | None:
-    names = [n.strip() for n in re.split(r"[、,，]", value) if n.strip()]
-    if any(len(n) > 20 or n in _ROLES or re.search(r"[()（）/／:：。]", n) for n in names):
-        return None
-    return names
-
-
-@dataclass(frozen=True)
-class _Layout:
-    title: str
-    title_span: Span | None
-    date: str | None
-    read_count: int | None
-    meta_span: Span | None
-    credits: tuple[tuple[str, str], ...]
-    credits_span: Span | None
-    paragraphs: tuple[Span, ...]
-
-
-def _layout(
-    text: str, lines: list[Span], *, title_span: Span | None = None, titled: bool = False, find_meta: bool = True
-) -> _Layout:
-    # `titled`: the caller already has the title (front matter, JSONL field), so no line is taken for it.
-    body = [s for s in lines if not _IMAGE_LINE.fullmatch(text[s.start : s.end])]
-    title = text[title_span.start : title_span.end] if title_span else ""
-    if not titled:
-        if not body:
-            raise CorpusError("no text besides image file names")
-        title_span, body = body[0], body[1:]
-        title = text[title_span.start : title_span.end]
-    date = read_count = meta_span = None
-    # The date line follows the title (a Markdown "# title" may come after other lines). Directly
-    # adjacent meta lines ("发布时间：…" then "浏览次数：…") make one span; a blank or image line ends it.
-    first = next((i for i, s in enumerate(body) if title_span is None or s.start >= title_span.end), len(body))
-    last = first
-    while find_meta and last < len(body) and _is_meta_line(text[body[last].start : body[last].end]):
-        gap = text[body[last - 1].end : body[last].start] if last > first else "\n"
-        if gap.strip() or gap.count("\n") != 1:
-            break
-        last += 1
-    if last > first:
-        meta_span = Span(body[first].start, body[last - 1].end)
-        meta_text = text[meta_span.start : meta_span.end]
-        date, read_count, body = _parse_date(meta_text), _read_count(meta_text), body[:first] + body[last:]
-    credits: tuple[tuple[str, str], ...] = ()
-    credits_span = None
-    if body and (parsed := _parse_credits(text[body[-1].start : body[-1].end])):
-        credits, credits_span, body = parsed, body[-1], body[:-1]
-    return _Layout(title, title_span, date, read_count, meta_span, credits, credits_span, tuple(body))
 
 
 # ---------------------------------------------------------------- text, Markdown and JSONL
-
-
-def _article(path: str, doc_id: str, text: str, encoding: str, layout: _Layout) -> Article:
-    return Article(
-        doc_id=doc_id,
-        path=path,
-        title=layout.title,
-        date=layout.date,
-        read_count=layout.read_count,
-        credits=layout.credits,
-        text=text,
-        paragraphs=layout.paragraphs,
-        title_span=layout.title_span,
-        meta_span=layout.meta_span,
-        credits_span=layout.credits_span,
-        encoding=encoding,
-        content_hash=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-    )
 
 
 def parse_article(text: str, path: str, doc_id: str, encoding: str = "utf-8") -> Article:
@@ -304,8 +41,8 @@ def parse_article(text: str, path: str, doc_id: str, encoding: str = "utf-8") ->
     if not text.strip():
         raise CorpusError("no text")
     if PurePosixPath(path).suffix.lower() == ".md":
-        return _article(path, doc_id, text, encoding, _markdown_layout(text))
-    return _article(path, doc_id, text, encoding, _layout(text, _lines(text)))
+        return make_article(path, doc_id, text, encoding, _markdown_layout(text))
+    return make_article(path, doc_id, text, encoding, find_layout(text, lines_of(text)))
 
 
 _FRONT_MATTER = re.compile(r"---[ \t]*\n(.*?)^(?:---|\.\.\.)[ \t]*$\n?", re.DOTALL | re.MULTILINE)
@@ -314,7 +51,7 @@ _FRONT_KEY = re.compile(r"([A-Za-z_][\w-]*)[ \t]*:[ \t]*")
 _YAML_LINE = re.compile(r"[A-Za-z_][\w-]*[ \t]*:|- |#")
 
 
-def _markdown_layout(text: str) -> _Layout:
+def _markdown_layout(text: str) -> Layout:
     """The layout of a Markdown article: front-matter fields, then the news-layout rules over the body's
     lines (heading marks, image lines and rules dropped); soft-wrapped lines join into one paragraph."""
     front, body_start = _front_matter(text)
@@ -328,7 +65,7 @@ def _markdown_layout(text: str) -> _Layout:
         lines = lines[1:]  # the body repeats the front-matter title as its heading
     if title_span is None and not lines:
         raise CorpusError("no text")
-    layout = _layout(text, lines, title_span=title_span, titled=title_span is not None, find_meta="date" not in front)
+    layout = find_layout(text, lines, title_span=title_span, titled=title_span is not None, find_meta="date" not in front)
     if layout.credits_span is not None:  # a credits line in the body says more than an author field
         front.pop("credits", None)
         front.pop("credits_span", None)
@@ -336,16 +73,16 @@ def _markdown_layout(text: str) -> _Layout:
 
 
 def _front_matter(text: str) -> tuple[dict[str, object], int]:
-    """The _Layout fields a Markdown file's front matter gives, and where its body starts (0 without one).
+    """The Layout fields a Markdown file's front matter gives, and where its body starts (0 without one).
 
     >>> _front_matter("---\\ntitle: '学校新闻'\\nviews: 12\\n---\\n正文\\n")
     ({'title': '学校新闻', 'title_span': Span(start=12, end=16), 'read_count': 12}, 32)
     """
     front: dict[str, object] = {}
     fm = _FRONT_MATTER.match(text)
-    if not fm or not all(_YAML_LINE.match(text, s.start, s.end) for s in _lines(text, fm.start(1), fm.end(1))):
+    if not fm or not all(_YAML_LINE.match(text, s.start, s.end) for s in lines_of(text, fm.start(1), fm.end(1))):
         return front, 0
-    for line in _lines(text, fm.start(1), fm.end(1)):
+    for line in lines_of(text, fm.start(1), fm.end(1)):
         key = _FRONT_KEY.match(text, line.start, line.end)
         if not key:
             continue
@@ -354,11 +91,11 @@ def _front_matter(text: str) -> tuple[dict[str, object], int]:
         name = key.group(1).lower()
         if name == "title" and raw:
             front.update(title=raw, title_span=value)
-        elif name == "date" and _parse_date(raw):
-            front.update(date=_parse_date(raw), meta_span=line)
+        elif name == "date" and parse_date(raw):
+            front.update(date=parse_date(raw), meta_span=line)
         elif name in ("read_count", "reads", "views") and raw.isdigit():
             front.update(read_count=int(raw))
-        elif name in ("author", "authors") and (names := _names(raw.strip("[]"))):
+        elif name in ("author", "authors") and (names := names_in(raw.strip("[]"))):
             front.update(credits=tuple(("writer", n) for n in names), credits_span=value)
     return front, fm.end()
 
@@ -372,7 +109,7 @@ def _markdown_lines(text: str, start: int) -> tuple[list[Span], dict[Span, int]]
     """
     lines: list[Span] = []
     headings: dict[Span, int] = {}
-    for s in _lines(text, start):
+    for s in lines_of(text, start):
         line = text[s.start : s.end]
         if _MD_IMAGE_LINE.fullmatch(line) or _MD_RULE.fullmatch(line):
             continue
@@ -457,15 +194,15 @@ def _record_article(record: object, stem: str, path: str, encoding: str) -> Arti
     body = normalize_newlines(body)
     title = (record.get("title") or "").strip()
     # The record's own fields are the metadata; its text is body only (images and credits still dropped).
-    layout = _layout(body, _lines(body), titled=bool(title), find_meta=False)
+    layout = find_layout(body, lines_of(body), titled=bool(title), find_meta=False)
     reads = record.get("read_count")
     layout = dataclasses.replace(
         layout,
         title=title or layout.title,
-        date=_parse_date(record.get("date") or ""),
+        date=parse_date(record.get("date") or ""),
         read_count=reads if isinstance(reads, int) and not isinstance(reads, bool) and reads >= 0 else None,
     )
-    return _article(path, f"{stem}#{str(rid).strip()}", body, encoding, layout)
+    return make_article(path, f"{stem}#{str(rid).strip()}", body, encoding, layout)
 
 
 # ---------------------------------------------------------------- saved web pages and Word files
@@ -543,10 +280,10 @@ def _page_title(tree) -> str:
 def _published(tree) -> str | None:
     for meta in tree.iter("meta"):
         key = (meta.get("property") or meta.get("name") or meta.get("itemprop") or "").lower()
-        if key in _PUBLISHED_META and (date := _parse_date(meta.get("content") or "")):
+        if key in _PUBLISHED_META and (date := parse_date(meta.get("content") or "")):
             return date
     for time in tree.iter("time"):
-        if date := _parse_date(time.get("datetime") or ""):
+        if date := parse_date(time.get("datetime") or ""):
             return date
     return None
 
@@ -594,8 +331,8 @@ def parse_html(html: str, path: str, doc_id: str, encoding: str = "utf-8") -> Ar
         raise CorpusError("no article text found in the page")
     published = _published(tree)
     page = _page_lines(tree)
-    meta = _meta_lines(page, title, body_lines[0]) if title and not _is_meta_line(body_lines[0]) else []
-    credits = [] if _parse_credits(body_lines[-1]) else _credits_line(page, body_lines[-1])
+    meta = _meta_lines(page, title, body_lines[0]) if title and not is_meta_line(body_lines[0]) else []
+    credits = [] if parse_credits(body_lines[-1]) else _credits_line(page, body_lines[-1])
     # Without a headline, the first body line is the title, as in a .txt file.
     text = "\n".join([*([title] if title else []), *meta, *body_lines, *credits]) + "\n"
     article = parse_article(text, path, doc_id, encoding)
@@ -617,7 +354,7 @@ def _meta_lines(page: list[str], title: str, first: str) -> list[str]:
     if not above:
         return []
     stop = above[-1] + 4 if at_body is None else min(at_body, above[-1] + 6)
-    return [line for line in page[above[-1] + 1 : stop] if _is_meta_line(line)]
+    return [line for line in page[above[-1] + 1 : stop] if is_meta_line(line)]
 
 
 def _credits_line(page: list[str], last: str) -> list[str]:
@@ -629,7 +366,7 @@ def _credits_line(page: list[str], last: str) -> list[str]:
     at = [i for i, line in enumerate(page) if _same(line, last)]
     if not at:
         return []
-    return [line for line in page[at[-1] + 1 : at[-1] + 3] if _parse_credits(line)][:1]
+    return [line for line in page[at[-1] + 1 : at[-1] + 3] if parse_credits(line)][:1]
 
 
 def parse_docx(data: bytes, path: str, doc_id: str) -> Article:

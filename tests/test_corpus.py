@@ -14,6 +14,7 @@ import pytest
 
 import rag.corpus
 import rag.decoding
+import rag.layout
 import rag.readers
 from rag.config import Config
 from rag.corpus import Article, CorpusError, Skipped, Span, load_corpus
@@ -747,7 +748,7 @@ def test_records_are_frozen(seed: Article) -> None:
         Span(5, 2)
 
 
-@pytest.mark.parametrize("module", [rag.decoding, rag.readers], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [rag.decoding, rag.layout, rag.readers], ids=lambda m: m.__name__)
 def test_docstring_examples(module) -> None:
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

@@ -67,14 +67,15 @@ class StreamEvent:
 
 
 def candidates(index, hits: list[Hit]) -> list[Candidate]:
-    """The candidate spans of `hits` (sentences, long ones cut), each span text once, best hit first."""
+    """The candidate spans of `hits` (sentences, long ones cut), each span text once, best hit first; a span
+    without a letter, digit or character (a stray "?" after a sentence end) says nothing and is left out."""
     out, seen = [], set()
     for rank, hit in enumerate(hits):
         doc_text = index.documents[hit.chunk.doc_id]["text"]
         for r in index.spans_of(hit.row):
             _, start, end = (int(v) for v in index.spans[r])
             key = (hit.chunk.doc_id, start, end)
-            if key not in seen:
+            if key not in seen and any(ch.isalnum() for ch in doc_text[start:end]):
                 seen.add(key)
                 out.append(Candidate(rank, hit.chunk, start, end, doc_text[start:end], r))
     return out

@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import hmac
 import html
+import logging
 import re
 import threading
 import time
@@ -261,7 +262,11 @@ class Chat:
             if version not in self._examples:
                 # Extractive even when an LLM writes the chat's answers: a quick check of what the passages support.
                 checker = QA.over(qa.index, qa.retriever.embedder, qa.config)
-                self._examples[version] = checked_examples(qa.index.chunks, checker.ask, qa.index.speakers)
+                try:
+                    self._examples[version] = checked_examples(qa.index.chunks, checker.ask, qa.index.speakers)
+                except IndexFault as e:  # the store went away meanwhile: no examples now, a later page tries again
+                    logging.getLogger("rag").warning("example questions not checked: %s", e)
+                    return []
             return self._examples[version]
 
     def examples_ready(self, qa: QA) -> list[str] | None:

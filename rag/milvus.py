@@ -18,6 +18,7 @@ segment.) Fusion happens in rag/retrieval.py from the two searches' scores, the 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -76,6 +77,9 @@ class MilvusStore:
         if not uri:
             raise IndexFault("the milvus backend needs a URI: --milvus-uri (env RAG_MILVUS_URI), e.g. "
                              "http://127.0.0.1:19530")
+        if not re.fullmatch(r"(?:https?|tcp)://[^/:\s]+(?::\d+)?/?|unix:\S+|\S*\.db", uri or ""):
+            raise IndexFault(f"{uri!r} is not a Milvus URI: give --milvus-uri (env RAG_MILVUS_URI) as "
+                             "http://host:19530, https://host:port, or a path ending in .db (embedded milvus-lite)")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,150}", name):
             raise IndexFault(f"Milvus collection name {name!r} must be letters, digits and underscores")
         self.uri, self.token, self.db, self.name = uri, token, db, name
@@ -101,13 +105,20 @@ class MilvusStore:
             return self._client
 
     def call(self, method: str, *args, **kwargs):
-        """client.method(*args, **kwargs), every failure one IndexFault saying what to do."""
-        try:
-            return getattr(self.client, method)(*args, timeout=TIMEOUT, **kwargs)
-        except IndexFault:
-            raise
-        except Exception as e:
-            raise _milvus_error(self.uri, e) from None
+        """client.method(*args, **kwargs), every failure one IndexFault saying what to do. A collection found
+        released (Milvus restarted since it was loaded) is loaded and the call made again, once."""
+        for attempt in (1, 2):
+            try:
+                return getattr(self.client, method)(*args, timeout=TIMEOUT, **kwargs)
+            except IndexFault:
+                raise
+            except Exception as e:
+                released = "load()" in str(getattr(e, "message", e)) or "not loaded" in str(e)
+                if attempt == 1 and released and args and isinstance(args[0], str):
+                    with contextlib.suppress(Exception):
+                        self.client.load_collection(args[0], timeout=TIMEOUT)
+                        continue
+                raise _milvus_error(self.uri, e) from None
 
     # -- versions ---------------------------------------------------------------------------------------------
 
@@ -167,7 +178,9 @@ class MilvusStore:
             problem = self.problem(coll, names)
             m = (self.manifest(coll) if problem is None or problem.startswith("damaged") else None) or {}
             counts, model = m.get("counts") or {}, m.get("model") or {}
-            out.append({"version": m.get("version") or coll[len(self.name) + 2:], "built_at": m.get("built_at"),
+            # An incomplete version has no manifest: its name gives the build time (versions are dashed).
+            version = m.get("version") or coll[len(self.name) + 2:].replace("_", "-")
+            out.append({"version": version, "built_at": m.get("built_at"),
                         "documents": counts.get("documents"), "chunks": counts.get("chunks"), "model": model.get("name"),
                         "current": coll == target, "path": f"{self.uri} {coll}", "collection": coll,
                         "status": problem or "ok", "problem": problem})
@@ -259,15 +272,11 @@ class MilvusStore:
     def _building(self, collection: str) -> bool:
         """Whether the build writing an incomplete version may still be running: its process is alive on this
         machine, or it started on another machine less than a day ago."""
-        meta = f"{collection}_meta"
         try:
-            self._loaded(meta)
-            rows = self.call("query", meta, filter='key == "builder"', output_fields=["value"])
+            self._loaded(f"{collection}_meta")
+            builder = json.loads(self._get(f"{collection}_meta", "builder"))
         except IndexFault:
             return False
-        if not rows:
-            return False
-        builder = json.loads(rows[0]["value"])
         if builder.get("host") == socket.gethostname():
             try:
                 os.kill(int(builder["pid"]), 0)

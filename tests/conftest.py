@@ -51,6 +51,10 @@ MARKS_BY_TEST = {
     ("test_browser", "test_generated_answers_stream_token_by_token_then_show_checked_sources"): {"llm"},
     # builds HNSW and IVF indexes over 20,000 vectors (10 s of the fast tier's budget)
     ("test_index", "test_approximate_index_recall_at_10_against_exact"): {"slow"},
+    # four builds each, or a build process killed or raced (10 s each against Milvus)
+    ("test_milvus", "test_a_version_still_being_published_by_a_live_build_is_not_pruned"): {"slow"},
+    ("test_milvus", "test_a_build_killed_while_publishing_leaves_the_alias_on_the_old_version_and_is_dropped_later"): {"slow"},
+    ("test_milvus", "test_each_build_publishes_a_version_behind_the_alias_rollback_moves_it_back_and_old_ones_are_pruned"): {"slow"},
 }
 
 

@@ -11,6 +11,8 @@ vectors) is published as three collections, written in full and validated before
                                JSON; a `complete` row, written last, marks the version as whole
     <name>                     an alias: the version that serves; moved in one call, so readers see old or new
 
+rag/milvus_index.py serves one version (searches, vectors, spans, article texts).
+
 BM25 is computed on the client, as with FAISS: a chunk's sparse vector holds its BM25 weight per term (the row of
 our BM25 matrix) and a question's holds its token counts, so their inner product is our BM25 score, with our
 tokenizer and the corpus's own words. (Milvus's built-in BM25 function would tokenize on the server, with idf per
@@ -25,14 +27,10 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
-
-from .chunking import Chunk
 from .index import IndexFault, StoreUnreachable, load, model_problem, one_line
-from .lexical import ChineseTokenizer, Scored
+from .milvus_index import doc_key, literal
 
 PIECE_BYTES = 60_000  # a VARCHAR holds at most 65,535 bytes; longer JSON is stored in pieces
 BATCH = 1_000  # rows per insert call
@@ -43,31 +41,7 @@ _EMPTY_TERM = 2**31  # a term no question holds: a chunk without tokens still ne
 def _milvus_error(uri: str, e: BaseException) -> IndexFault:
     why = one_line(getattr(e, "message", None) or e)  # pymilvus's exceptions keep the server's words in .message
     return StoreUnreachable(f"Milvus at {uri} is unreachable or refused the request ({why}); start it, or point "
-                      "--milvus-uri (env RAG_MILVUS_URI) at a running Milvus")
-
-
-def _lit(value: str) -> str:
-    """A string literal for a Milvus filter expression."""
-    return json.dumps(value, ensure_ascii=False)
-
-
-def filter_expr(filters) -> str:
-    """The Milvus expression of retrieval Filters (same meaning as Filters.allows).
-
-    filter_expr(Filters(("王任",), "2017-01-01")) -> 'speaker in ["王任"] and day != "" and day >= "2017-01-01"'
-    """
-    if not filters:
-        return ""
-    parts = []
-    if filters.speakers:
-        parts.append(f"speaker in [{', '.join(_lit(s) for s in filters.speakers)}]")
-    if filters.date_from or filters.date_to:
-        parts.append('day != ""')
-    if filters.date_from:
-        parts.append(f"day >= {_lit(filters.date_from)}")
-    if filters.date_to:
-        parts.append(f"day <= {_lit(filters.date_to)}")
-    return " and ".join(parts)
+                            "--milvus-uri (env RAG_MILVUS_URI) at a running Milvus")
 
 
 class MilvusStore:
@@ -215,10 +189,12 @@ class MilvusStore:
         raise IndexFault(f"{trouble}, and no other version in Milvus at {self.uri} is usable; run "
                          "`rag build --backend milvus`")
 
-    def open(self, collection: str) -> "MilvusIndex":
+    def open(self, collection: str):
         problem = self.problem(collection)
         if problem is not None:
             raise IndexFault(f"the index {collection} in Milvus is {problem}; run `rag build --backend milvus`")
+        from .milvus_index import MilvusIndex
+
         return MilvusIndex(self, collection, self.manifest(collection))
 
     def point_alias(self, collection: str) -> None:
@@ -310,7 +286,7 @@ class MilvusStore:
         self._put(meta, "vocab", json.dumps(index.bm25.vocab, ensure_ascii=False))
         self._put(meta, "lexicon", json.dumps(index.tokenizer.terms, ensure_ascii=False))
         for doc_id, doc in index.documents.items():
-            self._put(meta, _doc_key(doc_id), json.dumps(doc, ensure_ascii=False))
+            self._put(meta, doc_key(doc_id), json.dumps(doc, ensure_ascii=False))
         say(f"Milvus: writing {len(index.chunks)} chunks and {len(index.spans)} spans to {coll}")
         self._insert_chunks(coll, index)
         self._insert_spans(f"{coll}_spans", index)
@@ -390,6 +366,8 @@ class MilvusStore:
         if problem is not None:
             raise IndexFault(f"the new version {coll} in Milvus is {problem}; the alias was not moved")
         probe = sorted({0, len(index.chunks) // 2, len(index.chunks) - 1})
+        from .milvus_index import MilvusIndex
+
         served = MilvusIndex(self, coll, index.manifest)
         for p, vector in zip(probe, index.vectors(probe)):
             if p not in served.nearest(vector[None, :], 10).ids.tolist():
@@ -408,16 +386,10 @@ class MilvusStore:
                                    for n, piece in enumerate(pieces)])
 
     def _get(self, meta: str, key: str) -> str:
-        rows = self.call("query", meta, filter=f"key like {_lit(key + '#%')}", output_fields=["key", "value"])
+        rows = self.call("query", meta, filter=f"key like {literal(key + '#%')}", output_fields=["key", "value"])
         if not rows:
             raise IndexFault(f"{meta} in Milvus lacks {key}; run `rag build --backend milvus`")
         return "".join(r["value"] for r in sorted(rows, key=lambda r: r["key"]))
-
-
-def _doc_key(doc_id: str) -> str:
-    import hashlib
-
-    return "doc:" + hashlib.sha256(doc_id.encode("utf-8")).hexdigest()[:24]
 
 
 def _pieces(text: str) -> list[str]:
@@ -431,135 +403,3 @@ def _pieces(text: str) -> list[str]:
         size += n
     pieces.append(text[start:])
     return pieces
-
-
-class _Documents(Mapping):
-    """doc_id -> Article.to_json(), read from the meta collection when first asked for, then kept."""
-
-    def __init__(self, store: MilvusStore, meta: str, doc_ids: list[str]):
-        self._store, self._meta, self._ids = store, meta, doc_ids
-        self._known = set(doc_ids)
-        self._cache: dict[str, dict] = {}
-
-    def __getitem__(self, doc_id: str) -> dict:
-        if doc_id not in self._known:
-            raise KeyError(doc_id)
-        doc = self._cache.get(doc_id)
-        if doc is None:
-            doc = self._cache[doc_id] = json.loads(self._store._get(self._meta, _doc_key(doc_id)))
-        return doc
-
-    def __iter__(self):
-        return iter(self._ids)
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-
-class MilvusIndex:
-    """One version in Milvus, with what rag/index.py's Index offers the retriever, the answerer and the chat.
-
-    Chunks (without vectors) and span offsets are read once; vectors, article texts and searches go to Milvus.
-    """
-
-    def __init__(self, store: MilvusStore, collection: str, manifest: dict):
-        self.store, self.collection, self.manifest = store, collection, manifest
-        self.path = f"{store.uri} {collection}"  # what identifies the version to LiveQA and to the status line
-        meta = f"{collection}_meta"
-        for name in (collection, f"{collection}_spans", meta):
-            store._loaded(name)
-        self.vocab: dict[str, int] = json.loads(store._get(meta, "vocab"))
-        self.tokenizer = ChineseTokenizer(json.loads(store._get(meta, "lexicon")))
-        self.documents = _Documents(store, meta, [d["doc_id"] for d in manifest["documents"]])
-        counts = manifest["counts"]
-        self.chunks = [Chunk(**r["chunk"]) for r in self._all(collection, "row", counts["chunks"], ["row", "chunk"])]
-        spans = self._all(f"{collection}_spans", "span", counts["spans"], ["span", "chunk_row", "start", "end"])
-        self.spans = np.array([(r["chunk_row"], r["start"], r["end"]) for r in spans], dtype=np.int64).reshape(-1, 3)
-        self._span_rows = np.searchsorted(self.spans[:, 0], np.arange(len(self.chunks) + 1))
-        self.speakers: dict[str, str | None] = {}
-        for c in self.chunks:
-            if c.speaker and not self.speakers.get(c.speaker):
-                self.speakers[c.speaker] = c.role
-        self._rows: dict[int, dict] = {}  # chunk row -> {"dense", "sparse"}, for the question being answered
-
-    @property
-    def version(self) -> str:
-        return self.manifest["version"]
-
-    def _all(self, collection: str, key: str, count: int, fields: list[str]) -> list[dict]:
-        """Every row of `collection` (primary keys 0..count-1), in pages under Milvus's query window."""
-        out: list[dict] = []
-        for lo in range(0, count, 10_000):
-            out += self.store.call("query", collection, filter=f"{key} >= {lo} and {key} < {lo + 10_000}",
-                                   output_fields=fields, limit=10_000)
-        return sorted(out, key=lambda r: r[key])
-
-    def spans_of(self, row: int) -> range:
-        return range(int(self._span_rows[row]), int(self._span_rows[row + 1]))
-
-    def span_vectors(self, ids: list[int]) -> np.ndarray:
-        if not ids:
-            return np.zeros((0, self.manifest["model"]["dim"]), dtype=np.float32)
-        rows = self.store.call("query", f"{self.collection}_spans", filter=f"span in {list(map(int, ids))}",
-                               output_fields=["span", "dense"])
-        by_id = {r["span"]: r["dense"] for r in rows}
-        return np.array([by_id[int(i)] for i in ids], dtype=np.float32)
-
-    def _fetch(self, ids: list[int]) -> dict[int, dict]:
-        """Chunk rows `ids` with their dense and sparse vectors; kept for the rest of the question (the fusion and
-        the hits ask for the same candidates), a bounded cache shared by the chat's threads."""
-        cache, got = self._rows, {}
-        missing = sorted({int(i) for i in ids} - cache.keys())
-        if missing:
-            got = {r["row"]: r for r in self.store.call("query", self.collection, filter=f"row in {missing}",
-                                                        output_fields=["row", "dense", "sparse"])}
-            if len(cache) > 5_000:
-                self._rows = {}  # one assignment: other threads keep the dict they hold
-            self._rows.update(got)
-        return {int(i): got.get(int(i)) or cache[int(i)] for i in ids}
-
-    def vectors(self, ids: list[int]) -> np.ndarray:
-        rows = self._fetch(ids)
-        return np.array([rows[int(i)]["dense"] for i in ids], dtype=np.float32)
-
-    def nearest(self, query_vector: np.ndarray, k: int, filters=None) -> Scored:
-        """The k nearest chunks allowed by `filters` to one query vector (1, dim), best first."""
-        found = self.store.call("search", self.collection, data=[np.asarray(query_vector[0], dtype=np.float32).tolist()],
-                                anns_field="dense", limit=k, filter=filter_expr(filters), output_fields=["row"],
-                                search_params=self._dense_params(k))[0]
-        return Scored(np.array([h["entity"]["row"] for h in found], dtype=np.int64),
-                      np.array([h["distance"] for h in found], dtype=np.float32))
-
-    def _dense_params(self, k: int) -> dict:
-        if self.manifest.get("milvus", {}).get("dense_index") == "HNSW":
-            return {"metric_type": "IP", "params": {"ef": max(k, int(self.manifest["config"].get("hnsw_ef_search", 256)))}}
-        return {"metric_type": "IP"}
-
-    def _query_terms(self, tokens: list[str]) -> dict[int, float]:
-        counts: dict[int, float] = {}
-        for tok in tokens:
-            j = self.vocab.get(tok)
-            if j is not None:
-                counts[j] = counts.get(j, 0.0) + 1.0
-        return counts
-
-    def lexical(self, tokens: list[str], k: int, filters=None) -> Scored:
-        """The k best chunks by BM25 allowed by `filters` (score > 0), best first."""
-        terms = self._query_terms(tokens)
-        if not terms:
-            return Scored(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
-        found = self.store.call("search", self.collection, data=[terms], anns_field="sparse", limit=k,
-                                filter=filter_expr(filters), output_fields=["row"],
-                                search_params={"metric_type": "IP"})[0]
-        found = [h for h in found if h["distance"] > 0]
-        return Scored(np.array([h["entity"]["row"] for h in found], dtype=np.int64),
-                      np.array([h["distance"] for h in found], dtype=np.float32))
-
-    def lexical_scores(self, tokens: list[str], ids: list[int]) -> np.ndarray:
-        """BM25 scores of chunks `ids` for the question's tokens (0 where they share none)."""
-        terms, rows = self._query_terms(tokens), self._fetch(ids)
-        out = np.zeros(len(ids), dtype=np.float32)
-        for n, i in enumerate(ids):
-            sparse = rows[int(i)]["sparse"]
-            out[n] = sum(w * sparse.get(j, 0.0) for j, w in terms.items())
-        return out

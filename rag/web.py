@@ -17,7 +17,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .answering import LiveQA
-from .chat import Chat, LoginGuard, Operators, Session, preview_html, question_html
+from .chat import Chat, Session, question_html
+from .operators import LoginGuard, Operators, preview_html
 from .config import Config
 from .corpus import CorpusError
 from .feedback import FeedbackStore

@@ -11,8 +11,9 @@ import pytest
 
 from rag.answering import Answer, Citation, LiveQA, StreamEvent
 from rag.building import build
-from rag.chat import (FIRST_BUILD, GENERATION_FAILED, NO_INDEX, REBUILDING, TYPING_DELAY, Chat, LoginGuard, Operators,
-                      Rated, Session, filter_problem, local_time, parse_filters, preview_html, question_html)
+from rag.chat import (FIRST_BUILD, GENERATION_FAILED, NO_INDEX, REBUILDING, TYPING_DELAY, Chat, Rated, Session,
+                      filter_problem, parse_filters, question_html)
+from rag.operators import LoginGuard, Operators, local_time, preview_html
 from rag.chunking import chunk_article
 from rag.config import Config
 from rag.corpus import load_corpus

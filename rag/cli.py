@@ -244,8 +244,7 @@ def cmd_serve(args, settings: Settings) -> None:
     from .web import serve  # imports gradio only when it serves
 
     try:
-        serve(config, host=server.host, port=server.port, feedback_db=settings.feedback_db,
-              admin_password=server.admin_password, concurrency=server.concurrency, generator=settings.generator)
+        serve(settings)
     except OSError as e:
         # Gradio says "Cannot find empty port ... set GRADIO_SERVER_PORT": our flag is --port.
         if "empty port" in str(e) or e.errno in (98, 48):  # EADDRINUSE on Linux, macOS

@@ -18,12 +18,12 @@ from types import SimpleNamespace
 
 from .answering import LiveQA
 from .chat import Chat, Session, question_html
-from .operators import LoginGuard, Operators, preview_html
-from .config import Config
 from .corpus import CorpusError
 from .feedback import FeedbackStore
 from .index import IndexFault
+from .operators import LoginGuard, Operators, preview_html
 from .serving import Rebuilder, describe, ensure_index, index_status
+from .settings import Settings
 from .uploads import ALLOWED_SUFFIXES, MAX_UPLOAD_BYTES, UploadQuota, fresh_upload_dir
 
 TITLE = "学校新闻问答"
@@ -430,12 +430,11 @@ def _feedback_or_off(path: Path):
     return Off(path, problem), f"OFF ({problem})"
 
 
-def serve(config: Config, *, host: str, port: int, feedback_db: Path, admin_password: str | None = None,
-          concurrency: int = 6, max_upload_bytes: int = MAX_UPLOAD_BYTES, generator=None) -> None:
-    """Build the index if missing or stale, then serve the chat until interrupted.
-
-    `generator`: a rag.generation.GeneratorConfig to write answers with an LLM (None: extractive answers).
-    """
+def serve(settings: Settings, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
+    """Build the index if missing or stale, then serve the chat until interrupted, as `settings` say (its
+    config, server, feedback_db, and generator: None for extractive answers)."""
+    config, server, generator = settings.config, settings.server, settings.generator
+    host, port, admin_password = server.host, server.port, server.admin_password
     from .embedding import load_embedder
 
     def say(msg: str) -> None:
@@ -461,11 +460,11 @@ def serve(config: Config, *, host: str, port: int, feedback_db: Path, admin_pass
     except IndexFault as e:
         served = f"no index ({e})"
     rebuilder = Rebuilder(config, embedder, on_done=live.get)
-    feedback, feedback_note = _feedback_or_off(feedback_db)
+    feedback, feedback_note = _feedback_or_off(settings.feedback_db)
     demo = create_app(live, rebuilder, feedback, admin_password=admin_password, max_upload_bytes=max_upload_bytes)
     # Answers are CPU-bound and the model encodes one query at a time, so a few workers keep the
     # cores busy; more only queue inside the process instead of in Gradio's visible queue.
-    demo.queue(default_concurrency_limit=concurrency)
+    demo.queue(default_concurrency_limit=server.concurrency)
     _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
                             max_file_size=max_upload_bytes, css=CSS, footer_links=["api"])
     url = url or f"http://{host}:{port}/"

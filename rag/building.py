@@ -42,6 +42,7 @@ class BuildReport:
     reused: int  # chunks whose vectors came from the previous version
     seconds: float
     unchanged: bool = False  # nothing changed since the current version: no new version was written (path is current)
+    published: str | None = None  # with the milvus backend: the collection the alias now points at
 
 
 def _sha(text: str) -> str:

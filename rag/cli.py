@@ -86,6 +86,7 @@ def cmd_build(args, settings: Settings) -> None:
         "skipped": [{"path": s.path, "reason": s.reason} for s in report.skipped],
         "seconds": round(time.perf_counter() - t0, 2),
         "unchanged": bool(getattr(report, "unchanged", False)),  # nothing changed: no new version written
+        **({"milvus": {"uri": config.milvus_uri, "collection": report.published}} if report.published else {}),
     }
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))
@@ -94,6 +95,8 @@ def cmd_build(args, settings: Settings) -> None:
         print(f"{verb} {summary['index']}: {summary['documents']} documents, {summary['chunks']} chunks "
               f"({summary['embedded']} embedded, {summary['reused']} reused), "
               f"{len(summary['skipped'])} skipped, {summary['seconds']} s")
+        if report.published:
+            print(f"serving from Milvus at {config.milvus_uri}: {config.milvus_collection} -> {report.published}")
 
 
 def _print_answer(answer, as_json: bool) -> None:

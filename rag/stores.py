@@ -34,7 +34,7 @@ def build(config: Config, embedder, progress: Callable[[str], None] | None = Non
     validated before the alias moves, so a build stopped at any moment leaves the served version as it was."""
     report = build_folder(config, embedder, progress=progress, strict=strict)
     if config.backend == "milvus":
-        milvus_store(config).publish(report.path, KEEP_VERSIONS, progress or (lambda line: None))
+        report.published = milvus_store(config).publish(report.path, KEEP_VERSIONS, progress or (lambda line: None))
     return report
 
 

@@ -2,6 +2,7 @@
 servers serving one Milvus while an ingest job builds (a real `milvus-lite server`, real `rag serve` processes)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -44,7 +45,8 @@ def _ingest(root: Path, model_cache: Path, uri: str) -> subprocess.Popen:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAG_")}, "RAG_CORPUS": str(root / "corpus"),
            "RAG_INDEX": str(root / "index"), "RAG_CACHE_DIR": str(model_cache), "RAG_BACKEND": "milvus",
            "RAG_MILVUS_URI": uri, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "rag", "build"], env=env, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "rag", "build", "--json"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def test_two_chat_servers_serve_one_milvus_while_a_build_runs(tmp_path, model_cache, milvus_server):
@@ -54,7 +56,10 @@ def test_two_chat_servers_serve_one_milvus_while_a_build_runs(tmp_path, model_ca
     (ingest / "corpus").mkdir(parents=True)
     shutil.copy(SEED, ingest / "corpus")
     first = _ingest(ingest, model_cache, milvus_server.uri)
-    assert first.wait(600) == 0, first.stderr.read()
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["milvus"] == {"uri": milvus_server.uri, "collection": f"rag_news_v{summary['version'].replace('-', '_')}"}
 
     servers = []
     try:

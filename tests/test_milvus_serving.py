@@ -41,11 +41,11 @@ def test_milvus_answers_as_faiss_does_on_the_shared_sets(tmp_path, real_embedder
     assert abs(results["milvus"]["false_refusals"] - results["faiss"]["false_refusals"]) <= 1, results
 
 
-def _ingest(root: Path, model_cache: Path, uri: str) -> subprocess.Popen:
+def _ingest(root: Path, model_cache: Path, uri: str, *flags: str) -> subprocess.Popen:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAG_")}, "RAG_CORPUS": str(root / "corpus"),
            "RAG_INDEX": str(root / "index"), "RAG_CACHE_DIR": str(model_cache), "RAG_BACKEND": "milvus",
            "RAG_MILVUS_URI": uri, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "rag", "build", "--json"], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "rag", "build", *flags], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -55,7 +55,7 @@ def test_two_chat_servers_serve_one_milvus_while_a_build_runs(tmp_path, model_ca
     ingest = tmp_path / "ingest"
     (ingest / "corpus").mkdir(parents=True)
     shutil.copy(SEED, ingest / "corpus")
-    first = _ingest(ingest, model_cache, milvus_server.uri)
+    first = _ingest(ingest, model_cache, milvus_server.uri, "--json")  # --json: a summary, no progress lines
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
     summary = json.loads(out)

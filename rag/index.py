@@ -59,6 +59,7 @@ class Index:
     _span_vectors: np.ndarray | None = None
     _span_rows: np.ndarray | None = None
     _last_bm25: tuple | None = None  # (tokens, BM25 scores of every chunk): the last question's, asked twice
+    _allowed: dict = field(default_factory=dict)  # Filters -> the rows they allow
 
     def spans_of(self, row: int) -> range:
         """Rows of `spans` (and span embeddings) that belong to chunk `row`."""
@@ -83,16 +84,49 @@ class Index:
         return np.asarray(self._vectors[np.asarray(ids)])
 
     def nearest(self, query_vector: np.ndarray, k: int, filters=None) -> Scored:
-        """The chunks among the k nearest to one query vector (1, dim) that `filters` allow, best first."""
-        found = self.search_dense(query_vector, k)
-        keep = [n for n, i in enumerate(found.ids[0]) if i >= 0 and (not filters or filters.allows(self.chunks[i]))]
-        return Scored(found.ids[0][keep], found.scores[0][keep])
+        """The k nearest chunks to one query vector (1, dim) among those `filters` allow, best first: faiss
+        searches only those (an ID selector), so a rare speaker's chunks are found however many others there are."""
+        q = np.ascontiguousarray(query_vector, dtype=np.float32)
+        if not filters:
+            found = self.search_dense(q, k)
+            keep = found.ids[0] >= 0
+            return Scored(found.ids[0][keep], found.scores[0][keep])
+        allowed = self.allowed(filters)
+        if not len(allowed):
+            return Scored(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+        import faiss
+
+        selector = faiss.IDSelectorBatch(allowed)
+        kind = self.manifest.get("dense_index")
+        if kind == "hnsw":
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(k, self.dense.hnsw.efSearch))
+        elif kind == "ivf_sq8":
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=self.dense.nprobe)
+        else:
+            params = faiss.SearchParameters(sel=selector)
+        scores, ids = self.dense.search(q, min(k, len(allowed)), params=params)
+        keep = ids[0] >= 0
+        return Scored(ids[0][keep], scores[0][keep])
 
     def lexical(self, tokens: list[str], k: int, filters=None) -> Scored:
-        """The chunks among the k best by BM25 (score > 0) that `filters` allow, best first."""
+        """The k best chunks by BM25 (score > 0) among those `filters` allow, best first."""
         scores = self._bm25_scores(tokens)
-        top = [int(i) for i in top_k(scores, k) if not filters or filters.allows(self.chunks[i])]
-        return Scored(np.array(top, dtype=np.int64), scores[top])
+        if not filters:
+            top = top_k(scores, k)
+        else:
+            allowed = self.allowed(filters)
+            top = allowed[top_k(scores[allowed], k)]
+        return Scored(top, scores[top])
+
+    def allowed(self, filters) -> np.ndarray:
+        """The rows of the chunks `filters` allow (Filters.allows), kept for the last few filters asked."""
+        found = self._allowed.get(filters)
+        if found is None:
+            found = np.array([i for i, c in enumerate(self.chunks) if filters.allows(c)], dtype=np.int64)
+            if len(self._allowed) >= 32:
+                self._allowed.clear()
+            self._allowed[filters] = found
+        return found
 
     def lexical_scores(self, tokens: list[str], ids: list[int]) -> np.ndarray:
         """BM25 scores of chunks `ids` for the question's tokens (0 where they share none)."""

@@ -10,7 +10,7 @@ from rag.lexical import Scored
 from rag.retrieval import Retriever, convex, rrf
 from rag.versions import build_lock
 
-from .conftest import SEED_ID
+from .conftest import ROOT, SEED_ID
 
 
 @pytest.fixture
@@ -380,3 +380,28 @@ def test_validation_checks_checksums_and_finds_chunks_by_themselves(built):
         fh.write("\n")  # one byte changed: the checksum no longer matches
     with pytest.raises(IndexFault, match="checksum"):
         validate(report.path)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf_sq8"])
+def test_filtered_search_finds_a_rare_speakers_chunks_among_many(tmp_path, fake_embedder, kind):
+    # The seed article among 30 news articles: a filter to one seed speaker must still find that speaker's chunks
+    # (searched among the allowed ones, not the nearest few then filtered), by vector and by BM25 alike.
+    from rag.retrieval import Filters
+
+    from .conftest import corpus_in
+
+    news = sorted((ROOT.parent / "shared" / "eval" / "news_corpus").glob("*.txt"))
+    config = Config(corpus_dir=corpus_in(tmp_path, *news), index_dir=tmp_path / "index", dense_index=kind)
+    build(config, fake_embedder)
+    index = load(config.index_dir)
+    filters = Filters(speakers=("王任",))
+    theirs = [i for i, c in enumerate(index.chunks) if c.speaker == "王任"]
+    assert 0 < len(theirs) < len(index.chunks) / 20
+    query = fake_embedder.encode_queries(["学校高质量发展的报告讲了什么"])
+    found = index.nearest(query, 3, filters)
+    exact = np.argsort(-(index.vectors(theirs) @ query[0]), kind="stable")[:3]
+    assert found.ids.tolist() == [theirs[j] for j in exact]
+    tokens = index.tokenizer.tokenize("高质量发展", search=True)
+    best = index.lexical(tokens, 3, filters)
+    assert len(best.ids) > 0 and set(best.ids.tolist()) <= set(theirs)
+    assert index.nearest(query, 3, Filters(speakers=("nobody",))).ids.tolist() == []

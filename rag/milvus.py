@@ -79,20 +79,29 @@ class MilvusStore:
             return self._client
 
     def call(self, method: str, *args, **kwargs):
-        """client.method(*args, **kwargs), every failure one IndexFault saying what to do. A collection found
-        released (Milvus restarted since it was loaded) is loaded and the call made again, once."""
+        """client.method(*args, **kwargs), every failure one IndexFault saying what to do. Made again once: after
+        loading a collection found released (Milvus restarted since), or with a new connection (milvus-lite drops
+        an idle client's with GOAWAY "too_many_pings", and pymilvus does not recover it)."""
         for attempt in (1, 2):
             try:
                 return getattr(self.client, method)(*args, timeout=TIMEOUT, **kwargs)
-            except IndexFault:
-                raise
-            except Exception as e:
-                released = "load()" in str(getattr(e, "message", e)) or "not loaded" in str(e)
-                if attempt == 1 and released and args and isinstance(args[0], str):
+            except Exception as e:  # pymilvus raises its own, grpc's and OS errors alike
+                failure = e
+                if attempt == 2:
+                    break
+                if "load()" in str(getattr(e, "message", e)) and args and isinstance(args[0], str):
                     with contextlib.suppress(Exception):
                         self.client.load_collection(args[0], timeout=TIMEOUT)
-                        continue
-                raise _milvus_error(self.uri, e) from None
+                else:
+                    self._reconnect()
+        raise (failure if isinstance(failure, IndexFault) else _milvus_error(self.uri, failure)) from None
+
+    def _reconnect(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
 
     # -- versions ---------------------------------------------------------------------------------------------
 

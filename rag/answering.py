@@ -181,7 +181,7 @@ class QA:
         sentence once checked, with its citations; the extractive answerer yields only the answer.
         """
         try:
-            cleaned = check_question(question, self.config)
+            cleaned = self.retriever.understood(check_question(question, self.config))
         except QuestionError as e:
             yield StreamEvent("answer", answer=Answer(question or "", str(e), False, error=str(e)))
             return

@@ -74,6 +74,11 @@ class Index:
         return np.asarray(self._span_vectors[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
     @property
+    def vocab(self) -> dict[str, int]:
+        """Every BM25 token of the corpus -> its column."""
+        return self.bm25.vocab
+
+    @property
     def version(self) -> str:
         return self.manifest["version"]
 

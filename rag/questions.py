@@ -97,3 +97,37 @@ def focus_words(question: str) -> tuple[str, ...]:
         return ()
     content = lambda ws: [w for w in ws if len(w) >= 2 and not _WH.search(w)]  # noqa: E731
     return tuple(content(words[:at])[-2:] + content(words[at + 1 :])[:2])
+
+
+def by_pinyin(words) -> dict[str, tuple[str, ...]]:
+    """The Chinese words of 2-4 characters among `words`, by their toneless pinyin run together; where several
+    words sound alike, the names of places, people and bodies among them (jieba's tags), if any:
+    by_pinyin(["上饶", "会议", "会", "北京", "背景"]) -> {"shangrao": ("上饶",), "huiyi": ("会议",), "beijing": ("北京",)}"""
+    import jieba.posseg
+    from pypinyin import lazy_pinyin
+
+    out: dict[str, list[str]] = {}
+    for word in words:
+        if 2 <= len(word) <= 4 and all(_CJK.match(ch) for ch in word):
+            out.setdefault("".join(lazy_pinyin(word)).lower(), []).append(word)
+    for key, alike in out.items():
+        if len(alike) > 1:
+            names = [w for w in alike if [p.flag for p in jieba.posseg.lcut(w)] in (["ns"], ["nr"], ["nt"], ["nz"])]
+            out[key] = names or alike
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def pinyin_names(question: str, spelled: dict[str, tuple[str, ...]]) -> list[str]:
+    """The Chinese words an English question names in pinyin: capitalised words and pairs of them
+    ("Shangrao" -> 上饶, "Chen Yong" -> 陈勇), looked up in `spelled` (by_pinyin of the corpus's words).
+    A Chinese question names its words itself: [].
+
+    pinyin_names("Who spoke at the Shangrao meeting?", {"shangrao": ("上饶",)}) -> ["上饶"]
+    """
+    if _CJK.search(question):
+        return []
+    words = re.findall(r"[A-Za-z][A-Za-z'’-]*", question)
+    keys = [w for w in words if w[0].isupper()]
+    keys += [a + b for a, b in zip(words, words[1:]) if a[0].isupper() and b[0].isupper()]
+    found = [name for key in keys for name in spelled.get(re.sub(r"['’-]", "", key).lower(), ())]
+    return list(dict.fromkeys(found))

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from rag.config import Config
-from rag.questions import QuestionError, asked_kinds, check_question, focus_words, is_english, simplified
+from rag.questions import (QuestionError, asked_kinds, by_pinyin, check_question, focus_words, is_english,
+                           pinyin_names, simplified)
 from rag.spans import FEATURES, GATE_FEATURES, MODEL_PATH, Linear, SpanModel, holds, logistic_loss, softmax_loss
 
 
@@ -47,6 +48,15 @@ def test_asked_kinds_in_chinese_and_english(question, kinds):
 ])
 def test_focus_words_are_the_words_next_to_the_question_word(question, focus):
     assert focus_words(question) == focus
+
+
+def test_english_questions_find_the_chinese_names_they_spell_in_pinyin():
+    spelled = by_pinyin(["上饶", "陈勇", "王任", "背景", "北京", "会议", "会", "A股"])
+    assert spelled["shangrao"] == ("上饶",) and "hui" not in spelled and "agu" not in spelled
+    assert pinyin_names("Who gave the main speech at the Shangrao meeting?", spelled) == ["上饶"]
+    assert pinyin_names("Which academician, Chen Yong or Wang Ren, signed it?", spelled) == ["陈勇", "王任"]
+    assert pinyin_names("What was the background of the Beijing final?", spelled) == ["北京"]  # capitalised only
+    assert pinyin_names("上饶会议谁讲话？ Shangrao", spelled) == []  # a Chinese question names its words itself
 
 
 def test_is_english():

@@ -73,7 +73,7 @@ class MilvusIndex:
 
     def __init__(self, store, collection: str, manifest: dict):
         self.store, self.collection, self.manifest = store, collection, manifest
-        self.path = f"{store.uri} {collection}"  # what identifies the version to LiveQA and to the status line
+        self.path = collection  # what identifies the version: LiveQA compares it with what stores.choose returns
         meta = f"{collection}_meta"
         for name in (collection, f"{collection}_spans", meta):
             store._loaded(name)

@@ -1,4 +1,5 @@
-"""Question -> ranked Hits: dense and BM25 (FAISS and our BM25, or Milvus: rag/milvus.py) fused (convex min-max or weighted reciprocal rank), with filters."""
+"""Question -> ranked Hits: dense and BM25 fused (convex min-max or weighted reciprocal rank), with filters; the
+index searched is FAISS and our BM25 (rag/index.py) or Milvus (rag/milvus_index.py), through the same methods."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -94,8 +95,7 @@ class Retriever:
         """The k best chunks for `question`, best first."""
         cfg, index = self.config, self.index
         k = k or cfg.retrieve_k
-        # With filters, look deeper so that enough allowed chunks survive.
-        depth = min(len(index.chunks), cfg.candidate_k * (10 if filters else 1))
+        depth = min(len(index.chunks), cfg.candidate_k)  # both searches look only among the chunks filters allow
         qvec = self.query_vector(question)
         tokens = index.tokenizer.tokenize(simplified(question), search=True)
         nearest, best = index.nearest(qvec, depth, filters), index.lexical(tokens, depth, filters)

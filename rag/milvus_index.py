@@ -118,7 +118,7 @@ class MilvusIndex:
         """Chunk rows `ids` with their dense and sparse vectors; kept for the rest of the question (the fusion and
         the hits ask for the same candidates), a bounded cache shared by the chat's threads."""
         cache, got = self._rows, {}
-        missing = sorted({int(i) for i in ids} - cache.keys())
+        missing = sorted(i for i in {int(i) for i in ids} if i not in cache)  # no iteration over a shared dict
         if missing:
             got = {r["row"]: r for r in self.store.call("query", self.collection, filter=f"row in {missing}",
                                                         output_fields=["row", "dense", "sparse"])}

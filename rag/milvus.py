@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .index import IndexFault, StoreUnreachable, load, model_problem, one_line
 from .milvus_index import doc_key, literal
+from .versions import rollback_target
 
 PIECE_BYTES = 60_000  # a VARCHAR holds at most 65,535 bytes; longer JSON is stored in pieces
 BATCH = 1_000  # rows per insert call
@@ -51,7 +52,7 @@ class MilvusStore:
         if not uri:
             raise IndexFault("the milvus backend needs a URI: --milvus-uri (env RAG_MILVUS_URI), e.g. "
                              "http://127.0.0.1:19530")
-        if not re.fullmatch(r"(?:https?|tcp)://[^/:\s]+(?::\d+)?/?|unix:\S+|\S*\.db", uri or ""):
+        if not re.fullmatch(r"(?:https?|tcp)://[^/:\s]+(?::\d+)?/?|unix:\S+|\S*\.db", uri):
             raise IndexFault(f"{uri!r} is not a Milvus URI: give --milvus-uri (env RAG_MILVUS_URI) as "
                              "http://host:19530, https://host:port, or a path ending in .db (embedded milvus-lite)")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,150}", name):
@@ -213,23 +214,8 @@ class MilvusStore:
             self.call("alter_alias", collection, self.name)
 
     def rollback(self, version: str | None = None) -> dict:
-        versions = self.list_versions()
-        current = next((v for v in versions if v["current"]), None)
-        good = [v for v in versions if v["problem"] is None and not v["current"]]
-        if version is None:
-            earlier = [v for v in good if current is None or v["collection"] < current["collection"]]
-            if not earlier:
-                raise IndexFault(f"no earlier intact index version in Milvus at {self.uri} to roll back to "
-                                 "(see `rag index list`); run `rag build --backend milvus`")
-            target = earlier[-1]
-        else:
-            target = next((v for v in versions if version in (v["version"], v["collection"])), None)
-            if target is None:
-                raise IndexFault(f"no index version {version!r} in Milvus at {self.uri}; `rag index list` shows them")
-            if target["problem"] is not None:
-                others = ", ".join(v["version"] for v in good) or "none; run `rag build --backend milvus`"
-                raise IndexFault(f"index version {version} is {target['problem']}; roll back to an intact one "
-                                 f"({others})")
+        target = rollback_target(self.list_versions(), version, f"Milvus at {self.uri}",
+                                 "`rag build --backend milvus`")
         self.point_alias(target["collection"])
         return {**target, "current": True}
 

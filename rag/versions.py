@@ -161,23 +161,7 @@ def rollback(index_dir: Path, version: str | None = None) -> dict:
     """
     index_dir = Path(index_dir)
     with build_lock(index_dir):
-        versions = list_versions(index_dir)
-        current = next((v for v in versions if v["current"]), None)
-        good = [v for v in versions if v["problem"] is None and not v["current"]]
-        if version is None:
-            earlier = [v for v in good if current is None or v["version"] < current["version"]]
-            if not earlier:
-                raise IndexFault(f"no earlier intact index version in {index_dir} to roll back to "
-                                  "(see `rag index list`); run `rag build`")
-            target = earlier[-1]
-        else:
-            target = next((v for v in versions if v["version"] == version), None)
-            if target is None:
-                raise IndexFault(f"no index version {version!r} in {index_dir}; `rag index list` shows them")
-            if target["problem"] is not None:
-                others = ", ".join(v["version"] for v in good) or "none; run `rag build`"
-                raise IndexFault(f"index version {version} is {target['problem']}; roll back to an intact one "
-                                  f"({others})")
+        target = rollback_target(list_versions(index_dir), version, str(index_dir), "`rag build`")
         load(Path(target["path"]))  # never point `current` at a version that does not load
         try:
             point_current(index_dir, Path(target["path"]))
@@ -185,6 +169,27 @@ def rollback(index_dir: Path, version: str | None = None) -> dict:
             raise IndexFault(f"cannot point {index_dir / 'current'} at {target['version']} "
                               f"({e.strerror or one_line(e)}); the index folder must be writable") from None
         return {**target, "current": True}
+
+
+def rollback_target(versions: list[dict], version: str | None, where: str, build: str) -> dict:
+    """Of `versions` (list_versions records, oldest first), the one to roll back to: `version` (by name, or by
+    Milvus collection), or the newest intact one before the current. IndexFault when it is missing or damaged,
+    saying which are good; `where` names the store and `build` its build command in that message."""
+    current = next((v for v in versions if v["current"]), None)
+    good = [v for v in versions if v["problem"] is None and not v["current"]]
+    if version is None:
+        earlier = [v for v in good if current is None or v["version"] < current["version"]]
+        if not earlier:
+            raise IndexFault(f"no earlier intact index version in {where} to roll back to "
+                             f"(see `rag index list`); run {build}")
+        return earlier[-1]
+    target = next((v for v in versions if version in (v["version"], v.get("collection"))), None)
+    if target is None:
+        raise IndexFault(f"no index version {version!r} in {where}; `rag index list` shows them")
+    if target["problem"] is not None:
+        others = ", ".join(v["version"] for v in good) or f"none; run {build}"
+        raise IndexFault(f"index version {version} is {target['problem']}; roll back to an intact one ({others})")
+    return target
 
 
 @contextlib.contextmanager

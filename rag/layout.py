@@ -62,6 +62,9 @@ class Article:
 # ---------------------------------------------------------------- the news layout
 
 _IMAGE_LINE = re.compile(r"\S+\.(?:jpg|jpeg|png|gif|webp|bmp)", re.IGNORECASE)
+# The labels news pages put on their date/read-count and credits lines: the seed page's ("阅读:2214",
+# "(王保红/摄影 南木/编辑)") and their usual synonyms in Chinese newsrooms, simplified and traditional. Page grammar,
+# not fitted to any question; tests/test_corpus.py reads pages in each form.
 _READS = re.compile(r"(?:阅读|閱讀|浏览|瀏覽|点击|點擊)(?:次数|次數|量|数|數)?\s*[:：]?\s*(\d[\d,]*)")
 _META_LABEL = re.compile(
     r"(?:(?:发布|發布|發佈|发表|發表|更新)(?:时间|時間|日期)|来源|來源|作者|日期|时间|時間)\s*[:：]"
